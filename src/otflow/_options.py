@@ -1,0 +1,50 @@
+"""Keyword validation: unknown options are rejected with the nearest valid name."""
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+from collections.abc import Iterable
+
+__all__ = ["nearest", "unknown_option_message", "check_keywords", "reject_unknown_keywords"]
+
+
+def nearest(name: str, choices: Iterable[str]) -> str | None:
+    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+def unknown_option_message(kind: str, name: str, choices: Iterable[str]) -> str:
+    choices = sorted(choices)
+    guess = nearest(name, choices)
+    hint = f" Did you mean {guess!r}?" if guess else ""
+    return f"unknown {kind} {name!r}.{hint} Valid: {', '.join(map(repr, choices))}."
+
+
+def check_keywords(where: str, given: Iterable[str], valid: Iterable[str]) -> None:
+    valid = set(valid)
+    for name in given:
+        if name not in valid:
+            raise TypeError(f"{where}: " + unknown_option_message("option", name, valid))
+
+
+def reject_unknown_keywords(fn):
+    """Decorator: a misspelled keyword raises TypeError naming the nearest valid one.
+
+    The decorated function keeps its signature (for docs and introspection); the check
+    costs one set lookup per call.
+    """
+    sig = inspect.signature(fn)
+    names = {p.name for p in sig.parameters.values()
+             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not has_var_kw:
+            for k in kwargs:
+                if k not in names:
+                    raise TypeError(f"{fn.__qualname__}(): " + unknown_option_message("keyword argument", k, names))
+        return fn(*args, **kwargs)
+
+    return wrapper
