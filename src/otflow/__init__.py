@@ -15,11 +15,24 @@ from ._errors import (
     Status,
     StepSizeUnderflow,
 )
+from ._integrate import Solution, Stats, odeint
+from ._step_size import ErrorNorm, PIController
 from .backend import Backend, available_backends, get_backend, infer_backend
+from .solvers import RK4, ButcherTableau, Dopri5, Euler, Midpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "odeint",
+    "Solution",
+    "Stats",
+    "ErrorNorm",
+    "PIController",
+    "ButcherTableau",
+    "Dopri5",
+    "Euler",
+    "Midpoint",
+    "RK4",
     "Backend",
     "BackendUnavailable",
     "CapabilityError",
