@@ -1,0 +1,28 @@
+"""otflow's JAX backend (``backend="jax"``).
+
+Where it differs from the eager backends:
+
+* Loops compile. ``while_loop`` has three kinds: ``"forward"`` is
+  ``lax.while_loop`` (no reverse mode); ``"bounded"`` and ``"checkpointed"`` run
+  up to ``max_steps`` iterations as nested ``lax.scan``\\ s and can be
+  reverse-differentiated, with memory ~ ``max_steps`` × state and
+  ~ levels × ``max_steps ** (1/levels)`` × state respectively (see ``_loops``).
+  Python control flow on array values is not allowed (``eager = False``).
+* Random keys are typed keys from ``jax.random.key``; ``split`` returns a list.
+* float64 needs ``jax.config.update("jax_enable_x64", True)`` (or
+  ``JAX_ENABLE_X64=1``) at program start; without it float64 inputs and dtypes
+  are refused instead of silently becoming float32. The backend never sets the flag.
+"""
+try:
+    import jax  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the environment
+    from otflow._errors import BackendUnavailable
+
+    raise BackendUnavailable(
+        f"otflow's JAX backend needs jax, which failed to import ({e}). Install it with: pip install 'otflow[jax]'",
+        name="jax",
+    ) from e
+
+from ._backend import JaxBackend
+
+__all__ = ["JaxBackend"]

@@ -15,6 +15,8 @@ from ._errors import (
     Status,
     StepSizeUnderflow,
 )
+from ._fields import MLP, FunctionField, VelocityField
+from ._flow import Flow, SolverOptions
 from ._integrate import Solution, Stats, odeint
 from ._step_size import ErrorNorm, PIController
 from .backend import Backend, available_backends, get_backend, infer_backend
@@ -23,6 +25,11 @@ from .solvers import RK4, ButcherTableau, Dopri5, Euler, Midpoint
 __version__ = "0.1.0"
 
 __all__ = [
+    "Flow",
+    "SolverOptions",
+    "MLP",
+    "FunctionField",
+    "VelocityField",
     "odeint",
     "Solution",
     "Stats",

@@ -26,6 +26,8 @@ __all__ = ["odeint", "Solution", "Stats", "DEFAULT_RTOL", "DEFAULT_ATOL", "DEFAU
 #: Default tolerances: the FFJORD/RNODE training setting (rtol = atol = 1e-5).
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-5
+#: rtol below this many machine epsilons of the state's dtype draws a warning
+_RTOL_EPS_FACTOR = 64
 #: Default bound on the number of steps (accepted + rejected) of one solve.
 DEFAULT_MAX_STEPS = 4096
 
@@ -240,9 +242,10 @@ def odeint(
             raise ValueError("y0 contains NaN or inf; every initial value must be finite")
 
     eps = float(xp.finfo(dtype).eps)
-    if solver.adaptive and rtol < 100 * eps:
+    if solver.adaptive and 0 < rtol < _RTOL_EPS_FACTOR * eps:
         warnings.warn(
-            f"rtol={rtol:g} is below 100× the machine epsilon of {dtype} ({100 * eps:.1e}); "
+            f"rtol={rtol:g} is below {_RTOL_EPS_FACTOR}× the machine epsilon of {dtype} "
+            f"({_RTOL_EPS_FACTOR * eps:.1e}); "
             "the solver cannot meet it and will take tiny steps. Use float64 or a larger rtol.",
             RuntimeWarning, stacklevel=2)
     if solver.adaptive and rtol == 0 and atol == 0:

@@ -35,28 +35,29 @@ _LEAF = TreeDef("leaf")
 _NONE = TreeDef("none")
 
 
-def tree_flatten(tree, is_leaf: Callable[[Any], bool] | None = None):
-    leaves: list = []
-
-    def rec(node):
-        if is_leaf is not None and is_leaf(node):
-            leaves.append(node)
-            return _LEAF
-        if node is None:
-            return _NONE
-        if _is_namedtuple(node):
-            return TreeDef("namedtuple", type(node), tuple(rec(c) for c in node))
-        if isinstance(node, tuple):
-            return TreeDef("tuple", None, tuple(rec(c) for c in node))
-        if isinstance(node, list):
-            return TreeDef("list", None, tuple(rec(c) for c in node))
-        if isinstance(node, dict):
-            keys = tuple(sorted(node))
-            return TreeDef("dict", keys, tuple(rec(node[k]) for k in keys))
+def _flatten_into(node, leaves: list, is_leaf) -> TreeDef:
+    if is_leaf is not None and is_leaf(node):
         leaves.append(node)
         return _LEAF
+    if node is None:
+        return _NONE
+    if _is_namedtuple(node):
+        return TreeDef("namedtuple", type(node), tuple(_flatten_into(c, leaves, is_leaf) for c in node))
+    if isinstance(node, tuple):
+        return TreeDef("tuple", None, tuple(_flatten_into(c, leaves, is_leaf) for c in node))
+    if isinstance(node, list):
+        return TreeDef("list", None, tuple(_flatten_into(c, leaves, is_leaf) for c in node))
+    if isinstance(node, dict):
+        keys = tuple(sorted(node))
+        return TreeDef("dict", keys, tuple(_flatten_into(node[k], leaves, is_leaf) for k in keys))
+    leaves.append(node)
+    return _LEAF
 
-    treedef = rec(tree)
+
+def tree_flatten(tree, is_leaf: Callable[[Any], bool] | None = None):
+    """``(leaves, treedef)``; a module-level recursion, so no reference cycle keeps leaves alive."""
+    leaves: list = []
+    treedef = _flatten_into(tree, leaves, is_leaf)
     return leaves, treedef
 
 

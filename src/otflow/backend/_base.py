@@ -32,7 +32,9 @@ import numpy as np
 from .. import _tree
 from .._errors import CapabilityError
 
-__all__ = ["Backend", "LOOP_KINDS"]
+__all__ = ["Backend", "LOOP_KINDS", "check_loop_kind"]
+
+_check_kind = None  # replaced below; kept for adapters importing the old name
 
 #: Kinds of ``while_loop``:
 #: ``"forward"`` — may only be forward-differentiated (JAX's lax.while_loop);
@@ -117,7 +119,7 @@ class Backend(abc.ABC):
         ``"checkpointed"`` kinds). The eager default is a Python loop, reverse
         differentiable by the framework's tape.
         """
-        _check_kind(kind, max_steps)
+        check_loop_kind(kind, max_steps)
         state = init_val
         n = 0
         while bool(cond_fun(state)):
@@ -146,7 +148,7 @@ class Backend(abc.ABC):
         else:
             leaves, treedef = self.tree_flatten(xs)
             n = leaves[0].shape[0]
-            items = [self.tree_unflatten(treedef, [leaf[i] for leaf in leaves]) for i in range(n)]
+            items = [self.tree_unflatten(treedef, [leaf[i, ...] for leaf in leaves]) for i in range(n)]
         carry, ys = init, []
         for x in items:
             carry, y = f(carry, x)
@@ -198,7 +200,7 @@ class Backend(abc.ABC):
             (n,) = sizes
             outs = []
             for i in range(n):
-                sl = [a if ax is None else xp.take(a, xp.asarray([i]), axis=ax)[(slice(None),) * ax + (0,)]
+                sl = [a if ax is None else xp.take(a, xp.asarray([i]), axis=ax)[(slice(None),) * ax + (0, ...)]
                       for a, ax in zip(args, axes)]
                 outs.append(f(*sl))
             return self.tree_map(lambda *ls: xp.stack(ls, axis=out_axes), *outs)
@@ -212,6 +214,13 @@ class Backend(abc.ABC):
     def checkpoint(self, f: Callable) -> Callable:
         """Rematerialize ``f``'s intermediates in the backward pass instead of storing them."""
         return f
+
+    # ---- native models ------------------------------------------------------------------
+    def as_field(self, obj, params=None, *, event_shape=None):
+        """Wrap a native module of this backend (a ``torch.nn.Module`` called as
+        ``module(t, x)``, an Equinox module) into an :class:`otflow.FunctionField` whose
+        parameters are an explicit tree; ``None`` when ``obj`` is not such a module."""
+        return None
 
     # ---- random keys ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -240,10 +249,14 @@ class Backend(abc.ABC):
         return f"<otflow backend {self.name!r}>"
 
 
-def _check_kind(kind: str, max_steps: int | None) -> None:
+def check_loop_kind(kind: str, max_steps: int | None) -> None:
+    """Validate a while-loop ``kind`` (for backends implementing ``while_loop``)."""
     if kind not in LOOP_KINDS:
         from .._options import unknown_option_message
 
         raise ValueError(unknown_option_message("loop kind", kind, LOOP_KINDS))
     if kind != "forward" and max_steps is None:
         raise ValueError(f"a {kind!r} while_loop needs max_steps")
+
+
+_check_kind = check_loop_kind

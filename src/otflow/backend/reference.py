@@ -53,6 +53,8 @@ class ReferenceBackend(Backend):
     def to_numpy(self, x) -> np.ndarray:
         if isinstance(x, np.ndarray):
             return x.copy()
+        if not hasattr(x, "__dlpack__"):  # Python scalars, numpy scalars
+            return np.asarray(x)
         if self.name == "array_api_strict":
             return np.from_dlpack(x).copy()
         return np.asarray(x).copy()
