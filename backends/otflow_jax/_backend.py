@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import sys
 from typing import Callable, ClassVar, final
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 from jax import lax
 
 from otflow._errors import BackendUnavailable
+from otflow._fields import FunctionField
 from otflow._options import unknown_option_message
 from otflow.backend._base import Backend, _check_kind
 
@@ -274,6 +276,51 @@ class JaxBackend(Backend):
     def checkpoint(self, f: Callable) -> Callable:
         return jax.checkpoint(f)
 
+    # ---- native models ------------------------------------------------------------------
+    def as_field(self, obj, params=None, *, event_shape=None):
+        """A :class:`~otflow.FunctionField` from an Equinox module called as ``model(t, x)``;
+        ``None`` for anything else (plain functions are wrapped by the core).
+
+        The module is split with ``eqx.partition(model, eqx.is_array)``: the array part is
+        the parameter tree (an Equinox module with ``None`` in the static places, a JAX
+        pytree that optimizers and ``jax.grad`` handle), the rest is closed over, and
+        ``apply(params, t, x)`` calls ``eqx.combine(params, static)(t, x)``.
+
+        The model is called with the whole batch: ``t`` is a 0-d array and ``x`` has shape
+        ``(batch, *event_shape)``; no ``vmap`` is added, so a model written for one sample
+        must map itself over the batch (e.g. ``jax.vmap(self.mlp)`` inside ``__call__``).
+        Row ``i`` of the output must depend only on row ``i`` of ``x``.
+
+        ``event_shape`` (e.g. ``(2,)``) is required unless the module has an
+        ``event_shape`` attribute; ``params`` must be None (the module carries its own).
+        Equinox is imported only by the user: a module can only exist once it is.
+        """
+        eqx = sys.modules.get("equinox")
+        if eqx is None or not isinstance(obj, eqx.Module):
+            return None
+        name = type(obj).__name__
+        if params is not None:
+            raise ValueError(
+                f"got params= together with the Equinox module {name}: a module carries its own "
+                "parameters, so which to use would be ambiguous. Drop params=, or put the values into the "
+                "module first (eqx.tree_at / eqx.combine).")
+        own = getattr(obj, "event_shape", None)
+        if event_shape is None and own is None:
+            raise ValueError(
+                f"event_shape= is needed to use the Equinox module {name} as a velocity field: the shape of "
+                "one sample cannot be read off a module. Pass it, e.g. "
+                "Flow.from_velocity(model, event_shape=(2,), backend='jax'), or give the module an "
+                "event_shape field.")
+        shape = _event_shape(event_shape if event_shape is not None else own, name)
+        if event_shape is not None and own is not None and _event_shape(own, name) != shape:
+            raise ValueError(f"event_shape={shape} differs from {name}.event_shape = {own!r}")
+        arrays, static = eqx.partition(obj, eqx.is_array)
+
+        def apply_fn(p, t, x):
+            return eqx.combine(p, static)(t, x)
+
+        return FunctionField(apply_fn, arrays, shape, name=name)
+
     # ---- random keys --------------------------------------------------------------------
     def key(self, seed: int):
         """A typed key (``jax.random.key``), never a raw uint32 ``PRNGKey``.
@@ -309,3 +356,14 @@ class JaxBackend(Backend):
     def rademacher(self, key, shape, *, dtype, device=None):
         self.check_dtype(dtype)
         return self._place(jax.random.rademacher(key, tuple(shape), jnp.dtype(dtype)), device)
+
+
+def _event_shape(value, name: str) -> tuple[int, ...]:
+    shape = (value,) if isinstance(value, (int, np.integer)) else value
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        shape = None
+    if not shape or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0 for s in shape):
+        raise ValueError(f"event_shape of {name} must be a tuple of positive ints such as (2,), got {value!r}")
+    return tuple(int(s) for s in shape)

@@ -10,6 +10,7 @@ import torch
 import torch.utils.checkpoint
 
 from otflow._errors import BackendUnavailable
+from otflow._fields import FunctionField
 from otflow._options import unknown_option_message
 from otflow.backend._base import Backend
 from otflow.backend._int_keys import make_key, split_key
@@ -177,6 +178,47 @@ class TorchBackend(Backend):
 
         return checkpointed
 
+    # ---- native models -------------------------------------------------------------------
+    def as_field(self, obj, params=None, *, event_shape=None):
+        """A :class:`~otflow.FunctionField` calling a ``torch.nn.Module`` as ``module(t, x)``;
+        ``None`` when ``obj`` is not a module.
+
+        The module receives ``t`` as a 0-d tensor and ``x`` of shape
+        ``(batch, *event_shape)`` and must return a tensor shaped like ``x`` whose row ``i``
+        depends only on row ``i`` of ``x``. It is called with
+        ``torch.func.functional_call(module, params, (t, x))``; the initial parameters are
+        ``dict(module.named_parameters())``, the module's own ``nn.Parameter`` objects, so
+        ``loss.backward()`` fills their ``.grad`` and a ``torch.optim`` optimizer over
+        ``module.parameters()`` keeps the module and the flow in sync. Buffers are the
+        module's, unchanged; ``module.train()`` / ``module.eval()`` apply as usual.
+        The module's parameters must have the flow's dtype and device (e.g. ``module.double()``).
+
+        ``event_shape`` (e.g. ``(2,)``) is required unless the module has an
+        ``event_shape`` attribute; ``params`` must be None (the module carries its own).
+        """
+        if not isinstance(obj, torch.nn.Module):
+            return None
+        name = type(obj).__name__
+        if params is not None:
+            raise ValueError(
+                f"got params= together with the torch.nn.Module {name}: a module carries its own "
+                "parameters, so which to use would be ambiguous. Drop params= (the module's parameters "
+                "are used and trained in place), or load the values into the module first "
+                "(module.load_state_dict(...)).")
+        shape = _module_event_shape(obj, event_shape, name)
+        module = obj
+
+        def apply_fn(p, t, x):
+            try:
+                return torch.func.functional_call(module, p, (t, x))
+            except RuntimeError as e:
+                hint = _mismatch_hint(p, x, name)
+                if hint:
+                    raise TypeError(hint) from e
+                raise
+
+        return FunctionField(apply_fn, dict(module.named_parameters()), shape, name=name)
+
     # ---- random keys ---------------------------------------------------------------------
     def key(self, seed: int) -> int:
         """An integer key (see ``otflow.backend._int_keys``)."""
@@ -210,6 +252,48 @@ class TorchBackend(Backend):
     def __repr__(self) -> str:
         impl = "" if self.vjp_impl == "func" else f" (vjp_impl={self.vjp_impl!r})"
         return f"<otflow backend 'torch'{impl}>"
+
+
+def _module_event_shape(module, event_shape, name: str) -> tuple[int, ...]:
+    """``event_shape`` as a tuple, or else the module's own ``event_shape`` attribute."""
+    own = getattr(module, "event_shape", None)
+    if event_shape is None and own is None:
+        raise ValueError(
+            f"event_shape= is needed to use the torch.nn.Module {name} as a velocity field: the shape of "
+            "one sample cannot be read off a module. Pass it, e.g. "
+            "Flow.from_velocity(module, event_shape=(2,), backend='torch'), or give the module an "
+            "event_shape attribute.")
+    shape = _as_shape(event_shape if event_shape is not None else own, name)
+    if event_shape is not None and own is not None and _as_shape(own, name) != shape:
+        raise ValueError(f"event_shape={tuple(shape)} differs from {name}.event_shape = {tuple(own)}")
+    return shape
+
+
+def _as_shape(value, name: str) -> tuple[int, ...]:
+    shape = (value,) if isinstance(value, (int, np.integer)) else value
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        shape = None
+    if not shape or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0 for s in shape):
+        raise ValueError(f"event_shape of {name} must be a tuple of positive ints such as (2,), got {value!r}")
+    return tuple(int(s) for s in shape)
+
+
+def _mismatch_hint(params, x, name: str) -> str | None:
+    """A message when a module call failed because its parameters' dtype or device is not x's."""
+    values = params.values() if isinstance(params, dict) else ()
+    leaves = [p for p in values if isinstance(p, torch.Tensor) and p.is_floating_point()]
+    dtypes = {p.dtype for p in leaves}
+    devices = {p.device for p in leaves}
+    if dtypes and x.dtype not in dtypes:
+        return (f"the parameters of {name} are {', '.join(sorted(map(str, dtypes)))} but the flow computes in "
+                f"{x.dtype}: convert the module (e.g. module.to({x.dtype})) or build the flow with the module's "
+                "dtype (dtype=...)")
+    if devices and x.device not in devices:
+        return (f"the parameters of {name} are on {', '.join(sorted(map(str, devices)))} but the flow computes "
+                f"on {x.device}: move the module (module.to(device)) or build the flow with device=...")
+    return None
 
 
 def _check_cuda(dev, spec) -> None:

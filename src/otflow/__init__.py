@@ -18,6 +18,7 @@ from ._errors import (
 from ._fields import MLP, FunctionField, VelocityField
 from ._flow import Flow, SolverOptions
 from ._integrate import Solution, Stats, odeint
+from ._objective import RNODELoss, bits_per_dim, dequantize, logit_transform, rnode_loss
 from ._step_size import ErrorNorm, PIController
 from .backend import Backend, available_backends, get_backend, infer_backend
 from .solvers import RK4, ButcherTableau, Dopri5, Euler, Midpoint
@@ -25,6 +26,11 @@ from .solvers import RK4, ButcherTableau, Dopri5, Euler, Midpoint
 __version__ = "0.1.0"
 
 __all__ = [
+    "RNODELoss",
+    "rnode_loss",
+    "bits_per_dim",
+    "dequantize",
+    "logit_transform",
     "Flow",
     "SolverOptions",
     "MLP",
