@@ -16,7 +16,9 @@ from ._errors import (
     StepSizeUnderflow,
 )
 from ._fields import MLP, FunctionField, VelocityField
-from ._flow import Flow, SolverOptions
+from ._flow import Flow, SolverOptions, load
+from ._optim import OptimizerSpec
+from ._train import FitOptions, TrainingFailed, fit
 from ._integrate import Solution, Stats, odeint
 from ._objective import RNODELoss, bits_per_dim, dequantize, logit_transform, rnode_loss
 from ._step_size import ErrorNorm, PIController
@@ -26,6 +28,11 @@ from .solvers import RK4, ButcherTableau, Dopri5, Euler, Midpoint
 __version__ = "0.1.0"
 
 __all__ = [
+    "fit",
+    "load",
+    "FitOptions",
+    "OptimizerSpec",
+    "TrainingFailed",
     "RNODELoss",
     "rnode_loss",
     "bits_per_dim",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,7 +24,7 @@ from ._integrate import DEFAULT_MAX_STEPS, odeint, raise_for_status
 from ._options import reject_unknown_keywords, unknown_option_message
 from .backend import Backend, get_backend
 
-__all__ = ["Flow", "SolverOptions"]
+__all__ = ["Flow", "SolverOptions", "load", "flow_from_header"]
 
 ON_FAILURE = ("raise", "nan")
 
@@ -370,6 +370,69 @@ class Flow:
             offset += T
         return self._output(xp.stack([found[round(float(t), 12)] for t in times]), native)
 
+    # ---------------------------------------------------------------------------------------
+    # saving
+
+    def header(self) -> dict:
+        """The JSON description saved with the parameters."""
+        b = self.backend
+        dtype_name = np.dtype(b.to_numpy(b.namespace().zeros((), dtype=self.dtype)).dtype).name
+        return {
+            "kind": "flow",
+            "fields": [f.config() for f in self.fields],
+            "T": list(self.T),
+            "event_shape": list(self.event_shape),
+            "dtype": dtype_name,
+            "shift": None if self.shift is None else b.to_numpy(self.shift).astype(np.float64).tolist(),
+            "scale": None if self.scale is None else b.to_numpy(self.scale).astype(np.float64).tolist(),
+            "eval_solver": asdict(self.eval_solver),
+        }
+
+    def save(self, path, *, metadata: dict | None = None):
+        """Write the flow to ``path``: parameters in safetensors, a JSON header, no pickle;
+        atomic (a crash mid-write leaves any previous file intact). Returns the path."""
+        from ._serialize import named_arrays, write_file
+
+        header = self.header()
+        if metadata:
+            header["metadata"] = metadata
+        arrays = {k: self.backend.to_numpy(v) for k, v in named_arrays(self.params, "params").items()}
+        return write_file(path, arrays, header)
+
     def __repr__(self) -> str:
         return (f"Flow(blocks={len(self.fields)}, event_shape={self.event_shape}, T={self.T}, "
                 f"backend={self.backend.name!r}, dtype={self.dtype})")
+
+
+def flow_from_header(header: dict, arrays: dict, *, backend=None, device=None, prefix: str = "params") -> Flow:
+    """Rebuild a :class:`Flow` from a saved header and its arrays on any backend."""
+    from ._fields import field_from_config
+    from ._serialize import ModelFileError, fill_tree
+    from .backend import default_backend
+
+    try:
+        fields = [field_from_config(c) for c in header["fields"]]
+        b = get_backend(backend if backend is not None else default_backend())
+        dtype = header["dtype"]
+        xp = b.namespace()
+        dt = getattr(xp, dtype)
+        dev = b.device(device)
+        ref = get_backend("numpy")
+        templates = tuple(f.init(ref, ref.key(0), dtype=np.float64) for f in fields)
+        params = fill_tree(templates, arrays, prefix, lambda v: b.asarray(np.asarray(v), dtype=dt, device=dev))
+        return Flow(fields, params, backend=b, device=dev, dtype=dtype, T=header["T"], shift=header["shift"],
+                    scale=header["scale"], eval_solver=SolverOptions(**header["eval_solver"]))
+    except (KeyError, TypeError) as e:
+        raise ModelFileError(f"the model header is incomplete or from an incompatible version ({e!r})") from None
+
+
+@reject_unknown_keywords
+def load(path, *, backend: str | Backend | None = None, device=None) -> Flow:
+    """Load a flow saved with :meth:`Flow.save` (or the best model in a training checkpoint)
+    on any backend: a flow trained on torch loads on jax and back."""
+    from ._serialize import read_file
+
+    arrays, header = read_file(path)
+    prefix = "best" if header.get("kind") == "checkpoint" and any(k.startswith("best.") for k in arrays) else "params"
+    flow_header = header["flow"] if header.get("kind") == "checkpoint" else header
+    return flow_from_header(flow_header, arrays, backend=backend, device=device, prefix=prefix)

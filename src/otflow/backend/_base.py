@@ -215,6 +215,16 @@ class Backend(abc.ABC):
         """Rematerialize ``f``'s intermediates in the backward pass instead of storing them."""
         return f
 
+    # ---- training --------------------------------------------------------------------------
+    def make_trainer(self, loss_fn: Callable, params, optimizer):
+        """A trainer for ``loss_fn(params, x, key) -> (loss, aux)`` with the framework's own
+        optimizer (an :class:`otflow._optim.OptimizerSpec`): ``trainer.step(x, key, lr)``
+        returns the metrics (``loss``, ``grad_norm``, ``applied`` and ``aux``); a
+        non-finite loss or gradient, or ``aux["status"] != 0``, leaves the parameters and
+        optimizer state as they were. ``trainer.params`` holds the current parameters;
+        ``optimizer_state()`` / ``load_optimizer_state()`` / ``set_params()`` serve checkpoints."""
+        self._no_autodiff("training")
+
     # ---- native models ------------------------------------------------------------------
     def as_field(self, obj, params=None, *, event_shape=None):
         """Wrap a native module of this backend (a ``torch.nn.Module`` called as

@@ -14,7 +14,7 @@ from .._options import unknown_option_message
 from ._base import Backend
 from .reference import ReferenceBackend
 
-__all__ = ["get_backend", "infer_backend", "available_backends", "register_backend"]
+__all__ = ["get_backend", "infer_backend", "available_backends", "register_backend", "default_backend"]
 
 _ENTRY_GROUP = "otflow.backends"
 #: framework module that must be imported for an array to belong to the backend
@@ -108,3 +108,14 @@ def infer_backend(tree) -> Backend:
         if backend.owns(x):
             return backend
     raise TypeError(f"cannot infer a backend from an array of type {type(x).__module__}.{type(x).__name__}; pass backend=")
+
+
+def default_backend() -> str:
+    """The backend for numpy inputs, paths and dataset names: torch if it imports, else jax."""
+    for name in ("torch", "jax"):
+        try:
+            get_backend(name)
+            return name
+        except (BackendUnavailable, ValueError):
+            continue
+    raise BackendUnavailable("otflow needs torch or jax to train: pip install 'otflow[torch]' or 'otflow[jax]'")
