@@ -16,7 +16,7 @@ from otflow import MLP, Flow, FunctionField
 
 from _helpers import framework_installed
 
-TIGHT = dict(rtol=1e-9, atol=1e-9)
+TIGHT = dict(rtol=1e-7, atol=1e-7)  # both flows do the same arithmetic: agreement ≪ tolerance
 HIDDEN = 16
 
 
@@ -147,7 +147,7 @@ def test_plain_function_still_handled_by_the_core(autodiff_backend):
     flow = Flow.from_velocity(lambda t, x: -x, event_shape=(2,), backend=autodiff_backend, dtype="float64")
     flow = flow.with_eval_solver(**TIGHT)
     x = _x(4)
-    np.testing.assert_allclose(flow.transform(x), x * np.exp(-1.0), atol=1e-8)
+    np.testing.assert_allclose(flow.transform(x), x * np.exp(-1.0), atol=1e-6)
 
 
 def test_params_with_a_module_are_refused(autodiff_backend):

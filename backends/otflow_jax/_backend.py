@@ -322,6 +322,12 @@ class JaxBackend(Backend):
         return FunctionField(apply_fn, arrays, shape, name=name)
 
     # ---- random keys --------------------------------------------------------------------
+    def make_trainer(self, loss_fn, params, optimizer):
+        """A :class:`JaxTrainer` (see ``Backend.make_trainer``)."""
+        from ._trainer import JaxTrainer
+
+        return JaxTrainer(self, loss_fn, params, optimizer)
+
     def key(self, seed: int):
         """A typed key (``jax.random.key``), never a raw uint32 ``PRNGKey``.
 

@@ -19,6 +19,10 @@ from otflow._optim import OptimizerSpec
 __all__ = ["JaxTrainer"]
 
 
+def _global_norm(tree):
+    return optax.tree.norm(tree) if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm(tree)
+
+
 def _transform(spec: OptimizerSpec) -> optax.GradientTransformation:
     parts = []
     if spec.clip_norm is not None:
@@ -46,7 +50,7 @@ class JaxTrainer:
         def step(params, opt_state, x, key, lr):
             self.compilations += 1  # runs at trace time only
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, key)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = _global_norm(grads)
             ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (aux["status"] == 0)
             updates, new_state = tx.update(grads, opt_state, params)
             new_params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)

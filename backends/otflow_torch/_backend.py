@@ -220,6 +220,12 @@ class TorchBackend(Backend):
         return FunctionField(apply_fn, dict(module.named_parameters()), shape, name=name)
 
     # ---- random keys ---------------------------------------------------------------------
+    def make_trainer(self, loss_fn, params, optimizer):
+        """A :class:`TorchTrainer` (see ``Backend.make_trainer``)."""
+        from ._trainer import TorchTrainer
+
+        return TorchTrainer(self, loss_fn, params, optimizer)
+
     def key(self, seed: int) -> int:
         """An integer key (see ``otflow.backend._int_keys``)."""
         return make_key(seed)

@@ -5,6 +5,7 @@ imports a framework; backends (``otflow_torch``, ``otflow_jax``, and the
 built-in reference backend for numpy / array-api-strict) supply autodiff,
 compilation, loops, random keys and devices.
 """
+from . import datasets
 from ._errors import (
     BackendUnavailable,
     CapabilityError,
@@ -28,6 +29,7 @@ from .solvers import RK4, ButcherTableau, Dopri5, Euler, Midpoint
 __version__ = "0.1.0"
 
 __all__ = [
+    "datasets",
     "fit",
     "load",
     "FitOptions",

@@ -1,0 +1,265 @@
+"""otflow.fit end to end: quality, save/load, resume, learnable T, config, CLI, bad input.
+
+Training is slow on 2 cores (a JAX step compiles for 10–15 s), so the fits here
+are small and share work through module-scoped fixtures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import otflow
+from otflow import datasets
+
+
+def _has(name):
+    try:
+        otflow.get_backend(name)
+        return True
+    except Exception:
+        return False
+
+
+BACKENDS = [n for n in ("torch", "jax") if _has(n)]
+FAST = dict(hidden=(32, 32), batch_size=256, eval_every=100, val_points=1000, quiet=True, rtol=1e-4, atol=1e-4,
+            eval_rtol=1e-5, eval_atol=1e-5, lr=3e-3)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def trained(request, tmp_path_factory):
+    """A short 8gaussians fit per backend, with a checkpoint and a history file."""
+    tmp = tmp_path_factory.mktemp(f"fit-{request.param}")
+    flow = otflow.fit("8gaussians", backend=request.param, max_iters=300, seed=1, n_train=20000,
+                      checkpoint=str(tmp / "ckpt.safetensors"), checkpoint_every=100,
+                      history=str(tmp / "history.jsonl"), **FAST)
+    return request.param, flow, tmp
+
+
+def _kl_gap(flow, n=4000, seed=99):
+    x = datasets.sample("8gaussians", n, seed=seed)
+    logp = np.asarray(flow.log_prob(x), dtype=np.float64)
+    nll, se = -logp.mean(), logp.std(ddof=1) / math.sqrt(n)
+    return nll - datasets.true_entropy("8gaussians"), se
+
+
+def test_short_fit_reaches_a_kl_gap_an_untrained_flow_misses(trained):
+    name, flow, _ = trained
+    gap, se = _kl_gap(flow)
+    assert gap < 0.6, (name, gap, se)
+    untrained = otflow.fit("8gaussians", backend=name, max_iters=1, seed=1, n_train=2000, **FAST)
+    gap0, _ = _kl_gap(untrained)
+    assert gap0 > 0.6, gap0
+    assert gap0 - gap > 10 * se
+
+
+def test_history_is_kept_and_written(trained):
+    name, flow, tmp = trained
+    assert len(flow.history) == 300
+    rec = flow.history[-1]
+    for key in ("loss", "nll", "kinetic", "jacobian", "nfe_forward", "sec", "lr", "val_nll", "val_nll_se"):
+        assert key in rec
+    lines = (tmp / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 300 and json.loads(lines[0])["it"] == 0
+    assert flow.fit_info["best_iteration"] in (100, 200, 300)
+    assert all(h["applied"] for h in flow.history)
+
+
+def test_save_load_roundtrip_is_exact_and_crosses_backends(trained, tmp_path):
+    name, flow, _ = trained
+    path = flow.save(tmp_path / "flow.safetensors")
+    x = datasets.sample("8gaussians", 200, seed=5)
+    same = otflow.load(path, backend=name)
+    np.testing.assert_array_equal(same.log_prob(x), flow.log_prob(x))
+    for other in BACKENDS:
+        if other != name:
+            moved = otflow.load(path, backend=other)
+            np.testing.assert_allclose(moved.log_prob(x), flow.log_prob(x), rtol=0, atol=1e-5)
+
+
+def test_checkpoint_loads_as_the_best_flow(trained):
+    name, flow, tmp = trained
+    best = otflow.load(tmp / "ckpt.safetensors", backend=name)
+    x = datasets.sample("8gaussians", 100, seed=6)
+    np.testing.assert_allclose(best.log_prob(x), flow.log_prob(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_equals_an_uninterrupted_run(backend, tmp_path):
+    opts = dict(FAST, max_iters=30, eval_every=10, seed=3, n_train=4000, method="rk4", steps=4)
+    full = otflow.fit("checkerboard", backend=backend, **opts)
+    ck = tmp_path / "ck.safetensors"
+    otflow.fit("checkerboard", backend=backend, checkpoint=str(ck), checkpoint_every=10,
+               **dict(opts, max_iters=20))
+    resumed = otflow.fit("checkerboard", backend=backend, resume=str(ck), max_iters=30, quiet=True)
+    b = full.backend
+    for a, c in zip(b.tree_leaves(full.params), b.tree_leaves(resumed.params)):
+        np.testing.assert_array_equal(b.to_numpy(a), b.to_numpy(c))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_parameters(backend):
+    opts = dict(FAST, max_iters=5, seed=11, n_train=2000, eval_every=5, method="rk4", steps=2)
+    a = otflow.fit("moons", backend=backend, **opts)
+    c = otflow.fit("moons", backend=backend, **opts)
+    for p, q in zip(a.backend.tree_leaves(a.params), c.backend.tree_leaves(c.params)):
+        np.testing.assert_array_equal(a.backend.to_numpy(p), c.backend.to_numpy(q))
+
+
+def test_jax_step_compiles_once():
+    if "jax" not in BACKENDS:
+        pytest.skip("needs jax")
+    from otflow._optim import OptimizerSpec
+    import jax
+    import jax.numpy as jnp
+
+    b = otflow.get_backend("jax")
+
+    def loss_fn(p, x, key):
+        eps = b.normal(key, x.shape, dtype=x.dtype)
+        loss = jnp.mean((x * p["w"] + eps * 0.0) ** 2)
+        return loss, {"status": jnp.asarray(0), "nll": loss}
+
+    trainer = b.make_trainer(loss_fn, {"w": jnp.ones(2)}, OptimizerSpec(lr=0.1, schedule="cosine", total_iters=5,
+                                                                        warmup=2))
+    spec = trainer.spec
+    for it in range(5):
+        trainer.step(jnp.ones((4, 2)), b.key(it), spec.learning_rate(it))
+    assert trainer.compilations == 1
+    del jax
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learnable_T_converges_to_the_closed_form(backend):
+    """Data N(0, s²), v = a·x fixed, only T trained: z(T) = x·e^{aT} is standard normal at
+    T* = −log(s)/a. With a = 0.5, s = 0.5: T* = 1.3863."""
+    from otflow import FunctionField
+    from otflow._objective import rnode_loss
+    from otflow._optim import OptimizerSpec
+
+    b = otflow.get_backend(backend)
+    xp = b.namespace()
+    a, s = 0.5, 0.5
+    field = FunctionField(lambda p, t, x: a * x, (), (1,))
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(20000, 1)) * s
+
+    def loss_fn(p, x, key):
+        eps = b.rademacher(key, tuple(x.shape), dtype=x.dtype)  # in 1-D the Rademacher trace estimate is exact
+        out = rnode_loss(b, [field], [()], x, eps, T=[xp.exp(p["log_T"])], lambda_kinetic=0.0,
+                         lambda_jacobian=0.0, solver_kwargs=dict(method="rk4", n_steps=4))
+        return out.loss, {"status": out.status, "nll": out.nll}
+
+    trainer = b.make_trainer(loss_fn, {"log_T": b.asarray(np.asarray(0.0))}, OptimizerSpec(lr=0.05))
+    for it in range(300):
+        x = b.asarray(data[rng.integers(0, len(data), 4096)])
+        trainer.step(x, b.key(it), 0.05 if it < 150 else 0.01 if it < 250 else 0.002)
+    T = math.exp(float(b.to_numpy(trainer.params["log_T"])))
+    assert T == pytest.approx(-math.log(s) / a, rel=0.01)
+
+
+def test_options_and_config_validation(tmp_path):
+    with pytest.raises(TypeError, match="Did you mean 'max_iters'"):
+        otflow.fit(np.zeros((10, 2)), max_iter=3)
+    with pytest.raises(ValueError, match="Did you mean 'dopri5'"):
+        otflow.fit(np.zeros((10, 2)), method="dopri")
+    for bad, match in [(dict(rtol=-1.0), "rtol"), (dict(lambda_kinetic=-0.1), "lambda_kinetic"),
+                       (dict(T=0.0), "T must"), (dict(steps=0), "steps"), (dict(batch_size=0), "batch_size")]:
+        with pytest.raises(ValueError, match=match):
+            otflow.fit(np.zeros((10, 2)), **bad)
+    cfg = tmp_path / "fit.toml"
+    cfg.write_text('max_iters = 2\nhidden = [8]\nquiet = true\nmethod = "rk4"\nsteps = 2\n')
+    flow = otflow.fit(np.random.default_rng(0).normal(size=(100, 2)), config=str(cfg), eval_every=1, val_points=10)
+    assert flow.fit_info["iterations"] == 2 and flow.fit_info["options"]["hidden"] == [8] or \
+        tuple(flow.fit_info["options"]["hidden"]) == (8,)
+    bad_cfg = tmp_path / "bad.toml"
+    bad_cfg.write_text("lamda_kinetic = 0.1\n")
+    with pytest.raises(TypeError, match="lambda_kinetic"):
+        otflow.fit(np.zeros((10, 2)), config=str(bad_cfg))
+    yml = tmp_path / "fit.yaml"
+    yml.write_text("max_iters: 1\nquiet: true\nmethod: euler\nsteps: 1\n")
+    assert otflow.fit(np.random.default_rng(0).normal(size=(50, 2)), config=str(yml), val_points=5,
+                      eval_every=1).fit_info["iterations"] == 1
+
+
+@pytest.mark.parametrize("data,exc,match", [
+    (np.array([[1.0, np.nan], [0.0, 1.0], [2.0, 3.0]]), ValueError, "NaN or inf"),
+    (np.zeros(10), ValueError, "2-D"),
+    (np.zeros((1, 2)), ValueError, "at least 2"),
+    (np.zeros((0, 2)), ValueError, "at least 2"),
+    (np.ones((20, 2)), ValueError, "constant"),
+    (np.ones((20, 2), dtype=complex), TypeError, "complex"),
+    (np.array([["a", "b"], ["c", "d"]]), TypeError, "numeric"),
+    ("no_such_file.npy", Exception, "no_such_file"),
+    ("8gausians", ValueError, "Did you mean '8gaussians'"),
+])
+def test_bad_data_is_refused_before_training(data, exc, match):
+    with pytest.raises(exc, match=match):
+        otflow.fit(data, max_iters=1, quiet=True)
+
+
+def test_integer_and_boolean_data_are_converted():
+    x = np.random.default_rng(0).integers(0, 50, size=(200, 2))
+    flow = otflow.fit(x, max_iters=1, quiet=True, method="euler", steps=1, val_points=10, eval_every=1)
+    assert np.isfinite(flow.fit_info["best_val_nll"])
+
+
+def test_cli_end_to_end(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "otflow", *a], capture_output=True, text=True,  # noqa: E731
+                                    cwd=tmp_path, env=env, timeout=600)
+    out = run("datasets")
+    assert out.returncode == 0 and "checkerboard" in out.stdout and "3.4657" in out.stdout
+    model = tmp_path / "m.safetensors"
+    out = run("fit", "2spirals", "--max-iters", "3", "--eval-every", "3", "--quiet", "--method", "rk4",
+              "--steps", "2", "--set", "hidden=[16]", "--set", "val_points=50", "--out", str(model))
+    assert out.returncode == 0, out.stderr
+    assert model.exists() and "trained 3 iterations" in out.stdout
+    out = run("sample", str(model), "-n", "7", "-o", "s.npy")
+    assert out.returncode == 0, out.stderr
+    assert np.load(tmp_path / "s.npy").shape == (7, 2)
+    np.save(tmp_path / "x.npy", np.zeros((5, 2)))
+    out = run("log-prob", str(model), "x.npy", "-o", "lp.npy")
+    assert out.returncode == 0 and "mean log p" in out.stdout, out.stderr
+    assert np.load(tmp_path / "lp.npy").shape == (5,)
+    out = run("plot", str(model), "-o", "m.png", "--data", "2spirals")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m.png").stat().st_size > 10_000
+    out = run("fit", "2spirals", "--max-iters", "0")
+    assert out.returncode == 2 and "max_iters" in out.stderr
+    out = run("log-prob", "missing.safetensors", "x.npy")
+    assert out.returncode == 2 and "no model file" in out.stderr
+
+
+def test_corrupted_and_truncated_model_files(tmp_path):
+    from otflow._serialize import ModelFileError
+
+    flow = otflow.fit(np.random.default_rng(0).normal(size=(100, 2)), max_iters=1, quiet=True, method="euler",
+                      steps=1, val_points=10, eval_every=1)
+    path = flow.save(tmp_path / "f.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated"):
+        otflow.load(tmp_path / "trunc.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ModelFileError, match="corrupted"):
+        otflow.load(tmp_path / "junk.safetensors")
+    from otflow._serialize import read_file, write_file
+
+    arrays, header = read_file(path)
+    import otflow._serialize as ser
+
+    old = ser.FORMAT_VERSION
+    try:
+        ser.FORMAT_VERSION = 99
+        write_file(tmp_path / "v99.safetensors", arrays, header)
+    finally:
+        ser.FORMAT_VERSION = old
+    with pytest.raises(ModelFileError, match="format version 99"):
+        otflow.load(tmp_path / "v99.safetensors")
