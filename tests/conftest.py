@@ -53,6 +53,14 @@ if framework_installed("jax"):
 
     jax.config.update("jax_enable_x64", True)
 
+# ---- torch on one intra-op thread: the tests' matrices are small, and on 2 shared cores torch's
+# default of one thread per core loses 5-50x to contention with XLA's threads (measured: a fit
+# iteration took 0.023 s on one thread and 0.1-1.3 s on two under load)
+if framework_installed("torch"):
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OTFLOW_TEST_TORCH_THREADS", "1")))
+
 
 # ---- backend entries -----------------------------------------------------------------------
 class BackendId(enum.Enum):
