@@ -67,6 +67,10 @@ def _match_cotangent(ct, spec):
     return ct.astype(spec.dtype)
 
 
+#: fixed trip counts up to this are unrolled by ``fori_loop``
+UNROLL_LIMIT = 16
+
+
 @final
 class JaxBackend(Backend):
     """otflow on JAX: compiled loops, ``jax.vjp``/``jax.custom_vjp``, typed random keys.
@@ -202,9 +206,11 @@ class JaxBackend(Backend):
 
     def fori_loop(self, lower: int, upper: int, body_fun, init_val):
         """``lax.fori_loop`` with static bounds (a scan, so reverse-differentiable);
-        ``body_fun`` receives the index as a 0-d int32 array."""
+        ``body_fun`` receives the index as a 0-d int32 array. Trip counts up to
+        ``UNROLL_LIMIT`` are unrolled: on CPU, XLA's loop boundary blocks fusion and costs
+        about 3× on a 4-step RK4 training step (measured: 0.044 s rolled, 0.016 s unrolled)."""
         lower, upper = operator.index(lower), operator.index(upper)
-        return lax.fori_loop(lower, upper, body_fun, init_val)
+        return lax.fori_loop(lower, upper, body_fun, init_val, unroll=(upper - lower) <= UNROLL_LIMIT)
 
     def scan(self, f, init, xs, length: int | None = None):
         """``lax.scan``; zero items give empty stacked outputs instead of an error."""

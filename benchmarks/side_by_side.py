@@ -1,0 +1,106 @@
+"""Side-by-side timing of otflow against the anchors (torchdiffeq, diffrax) on identical work.
+
+Runs each implementation as a fresh subprocess, alternating them within every
+repeat (these shared machines drift), and prints the ratio table of medians::
+
+    python benchmarks/side_by_side.py                      # every row, 2 repeats
+    python benchmarks/side_by_side.py --cases 2d-dopri5 --repeats 3 --iters 20
+    python benchmarks/side_by_side.py --threads 1 --json out.json
+
+Rows are the anchors README's cases; the ratio columns are otflow-torch/torchdiffeq,
+otflow-jax/diffrax and best-otflow/best-anchor (targets: ≤ 1.0, ≤ 1.0, ≤ 0.8).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ANCHORS = HERE.parent.parent / "shared" / "anchors"
+
+CASES = {
+    "2d-dopri5": ["--solver", "dopri5", "--grad", "direct"],
+    "2d-dopri5-adjoint": ["--solver", "dopri5", "--grad", "adjoint"],
+    "2d-rk4": ["--solver", "rk4", "--grad", "direct"],
+    "64d-rk4": ["--data", "mixture", "--dim", "64", "--width", "256", "--batch", "256", "--solver", "rk4"],
+    "64d-dopri5": ["--data", "mixture", "--dim", "64", "--width", "256", "--batch", "256", "--solver", "dopri5"],
+    "2d-eval": ["--solver", "dopri5", "--iters", "5", "--warmup", "2", "--eval-points", "10000"],
+}
+
+IMPLS = {
+    "torchdiffeq": lambda anchors: [str(anchors / "torchdiffeq_rnode.py")],
+    "otflow-torch": lambda anchors: [str(HERE / "otflow_rnode.py"), "--backend", "torch", "--anchors", str(anchors)],
+    "diffrax": lambda anchors: [str(anchors / "diffrax_rnode.py")],
+    "otflow-jax": lambda anchors: [str(HERE / "otflow_rnode.py"), "--backend", "jax", "--anchors", str(anchors)],
+}
+
+
+def run_one(impl, args, anchors, timeout):
+    cmd = [sys.executable, *IMPLS[impl](anchors), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    p.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS))
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per run (anchors' default 40)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for both torch sides (0: default)")
+    p.add_argument("--anchors", default=str(ANCHORS))
+    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--json", default=None, help="write every run's record here")
+    a = p.parse_args(argv)
+    anchors = Path(a.anchors)
+    records = {}
+    for case in a.cases:
+        args = list(CASES[case])
+        if a.iters is not None and "--iters" not in args:
+            args += ["--iters", str(a.iters)]
+        if a.warmup is not None and "--warmup" not in args:
+            args += ["--warmup", str(a.warmup)]
+        if a.threads:
+            args += ["--threads", str(a.threads)]
+        for rep in range(a.repeats):
+            order = a.impls if rep % 2 == 0 else list(reversed(a.impls))
+            for impl in order:
+                rec = run_one(impl, args, anchors, a.timeout)
+                records.setdefault(case, {}).setdefault(impl, []).append(rec)
+                key = "eval_sec_median" if case.endswith("eval") else "sec_per_iter_median"
+                print(f"{case:18s} {impl:13s} rep {rep}: {rec.get(key, rec.get('error'))}  "
+                      f"nfe {rec.get('eval_nfe' if case.endswith('eval') else 'nfe_forward_mean')}", flush=True)
+    print()
+    print("| case | torchdiffeq | otflow-torch | diffrax | otflow-jax | torch ratio | jax ratio | best ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for case, per in records.items():
+        key = "eval_sec_median" if case.endswith("eval") else "sec_per_iter_median"
+        med = {}
+        for impl, recs in per.items():
+            vals = [r[key] for r in recs if key in r]
+            med[impl] = statistics.median(vals) if vals else None
+
+        def fmt(v):
+            return "—" if v is None else f"{v:.4f}"
+
+        def ratio(x, y):
+            return "—" if x is None or y is None else f"{x / y:.2f}"
+
+        anchors_best = min([v for k, v in med.items() if k in ("torchdiffeq", "diffrax") and v], default=None)
+        ours_best = min([v for k, v in med.items() if k.startswith("otflow") and v], default=None)
+        print(f"| {case} | {fmt(med.get('torchdiffeq'))} | {fmt(med.get('otflow-torch'))} | {fmt(med.get('diffrax'))} "
+              f"| {fmt(med.get('otflow-jax'))} | {ratio(med.get('otflow-torch'), med.get('torchdiffeq'))} "
+              f"| {ratio(med.get('otflow-jax'), med.get('diffrax'))} | {ratio(ours_best, anchors_best)} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+    main()
