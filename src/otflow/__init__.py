@@ -16,6 +16,8 @@ from ._errors import (
     Status,
     StepSizeUnderflow,
 )
+from ._divergence import (DivergenceEstimate, estimate_divergence, exact_divergence, hutchinson_divergence,
+                          hutchplusplus_divergence, probe_vjp)
 from ._fields import MLP, FunctionField, VelocityField
 from ._flow import Flow, SolverOptions, load
 from ._optim import OptimizerSpec
@@ -29,6 +31,12 @@ from .solvers import RK4, ButcherTableau, Dopri5, Euler, Midpoint
 __version__ = "0.1.0"
 
 __all__ = [
+    "DivergenceEstimate",
+    "estimate_divergence",
+    "exact_divergence",
+    "hutchinson_divergence",
+    "hutchplusplus_divergence",
+    "probe_vjp",
     "datasets",
     "fit",
     "load",
