@@ -125,8 +125,9 @@ def test_tree_order_matches_core(tree):
 def test_level_lengths_cover_max_steps():
     for n in (1, 2, 16, 17, 100, 1000, 4097):
         lengths = level_lengths(n)
-        assert np.prod(lengths) >= n and len(lengths) == max(1, int(np.ceil(np.log(n) / np.log(16) - 1e-12)))
-    assert level_lengths(1000) == [10, 10, 10] and level_lengths(17) == [5, 4]
+        assert np.prod(lengths) >= n and len(lengths) == max(1, int(np.ceil(np.log(n) / np.log(64) - 1e-12)))
+    assert level_lengths(1000, base=16) == [10, 10, 10] and level_lengths(17, base=4) == [3, 3, 2]
+    assert level_lengths(4096) == [64, 64] and level_lengths(17) == [17]
 
 
 def test_loop_argument_checks():

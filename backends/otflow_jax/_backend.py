@@ -198,7 +198,7 @@ class JaxBackend(Backend):
         ``lax.cond``; reverse-mode memory ~ ``max_steps`` × loop state, whatever the
         number of iterations run. ``"checkpointed"``: the same with every nesting level
         checkpointed; memory ~ levels × ``max_steps ** (1/levels)`` × state (levels =
-        ``ceil(log16 max_steps)``) for about ``levels`` extra forward passes. See
+        ``ceil(log64 max_steps)``) for about ``levels`` extra forward passes. See
         :mod:`otflow_jax._loops`.
         """
         _check_kind(kind, max_steps)

@@ -8,7 +8,7 @@ its whole inner scan the same way, so once the condition is false the rest of th
 loop costs one predicate test per outer iteration, not a body evaluation.
 
 Memory and compute of the reverse pass, for a loop state of ``S`` bytes, ``N =
-max_steps`` and ``L`` nesting levels (``L = ceil(log16 N)``, inner lengths about
+max_steps`` and ``L`` nesting levels (``L = ceil(log64 N)``, inner lengths about
 ``N ** (1/L)``):
 
 ``"bounded"``
@@ -34,8 +34,11 @@ from jax import lax
 
 __all__ = ["while_loop", "level_lengths"]
 
-#: the nesting aims at about this many iterations per level
-_BASE = 16
+#: the nesting aims at about this many iterations per level. 64 gives two levels up to 4096
+#: steps: on the RNODE reference step (dopri5, batch 512, ~4 steps taken of max_steps = 4096)
+#: the gradient took 0.030 s with base 64 against 0.066 s with base 16 (three levels, one more
+#: recomputation), for the same 18 MB of temporaries.
+_BASE = 64
 
 
 def _static_steps(max_steps) -> int:
@@ -62,7 +65,7 @@ def _ceil_root(n: int, k: int) -> int:
 
 def level_lengths(max_steps: int, base: int = _BASE) -> list[int]:
     """Scan lengths, outermost first, whose product is the smallest near-even cover of
-    ``max_steps`` with ``ceil(log_base max_steps)`` levels (1000 → [10, 10, 10])."""
+    ``max_steps`` with ``ceil(log_base max_steps)`` levels (1000 → [32, 32]; base 16: [10, 10, 10])."""
     levels = 1
     while base ** levels < max_steps:
         levels += 1

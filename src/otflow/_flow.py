@@ -179,28 +179,42 @@ class Flow:
         native = b.owns(x)
         host = isinstance(x, np.ndarray) or not native
         if host:
-            x = np.asarray(x)
+            try:
+                x = np.asarray(x)
+            except Exception as e:  # ragged lists, tensors that need .detach(), ...
+                raise TypeError(f"{name} could not be read as an array ({type(e).__name__}: {e}); pass a numpy "
+                                f"array or a {b.name} array of shape (n, {', '.join(map(str, self.event_shape))})"
+                                ) from None
+            if x.dtype.kind == "c":
+                raise TypeError(f"{name} is complex ({x.dtype}); a flow needs real numbers (take .real)")
             if x.dtype.kind not in "biuf":
-                raise TypeError(f"{name} must be real numbers, got dtype {x.dtype}")
+                raise TypeError(f"{name} must be real numbers, got dtype {x.dtype}; convert it with "
+                                f"np.asarray({name}, dtype=float)")
         shape = tuple(x.shape)
         if shape == self.event_shape:
             raise ValueError(f"{name} has shape {shape}: a single point; pass a batch of shape "
                              f"(n, {', '.join(map(str, self.event_shape))}), e.g. {name}[None]")
         if len(shape) != 1 + len(self.event_shape) or shape[1:] != self.event_shape:
-            raise ValueError(f"{name} must have shape (n, {', '.join(map(str, self.event_shape))}), got {shape}")
+            raise ValueError(f"{name} must have shape (n, {', '.join(map(str, self.event_shape))}), got {shape}"
+                             f" (the flow was built for {self.dim}-dimensional points)")
         if shape[0] == 0:
             raise ValueError(f"{name} is empty")
+        xp = b.namespace()
         if not host:
-            xp = b.namespace()
+            if xp.isdtype(x.dtype, "complex floating"):
+                raise TypeError(f"{name} is complex ({x.dtype}); a flow needs real numbers (take .real)")
             if not xp.isdtype(x.dtype, "real floating"):
-                x = xp.astype(x, self.dtype)
+                x = xp.astype(x, self.dtype)  # booleans and integers are converted
             xb = b.asarray(x, dtype=self.dtype, device=self.device)
             if b.is_concrete(xb) and not bool(xp.all(xp.isfinite(xb))):
-                raise ValueError(f"{name} contains NaN or inf")
+                raise ValueError(f"{name} contains NaN or inf (or values beyond the range of {self.dtype})")
         else:
             if not np.all(np.isfinite(x)):
                 raise ValueError(f"{name} contains NaN or inf")
             xb = b.asarray(np.asarray(x, dtype=np.float64), dtype=self.dtype, device=self.device)
+            if not bool(xp.all(xp.isfinite(xb))):
+                raise ValueError(f"{name} has values beyond the range of the flow's dtype {self.dtype} "
+                                 f"(max |{name}| = {np.max(np.abs(x.astype(np.float64))):.3g}); rescale them")
         return xb, native
 
     def _output(self, y, native: bool):
@@ -266,14 +280,18 @@ class Flow:
     def _run_chunked(self, kind: str, x, batch_size: int | None, on_failure: str):
         """Evaluate ``kind`` over ``x`` in chunks; pad the last chunk on compiling backends so
         that one compiled function serves every chunk."""
+        if not isinstance(on_failure, str):
+            raise TypeError(f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, got {on_failure!r}")
         if on_failure not in ON_FAILURE:
             raise ValueError(unknown_option_message("on_failure", on_failure, ON_FAILURE))
         b, xp = self.backend, self.backend.namespace()
         n = x.shape[0]
         if batch_size is None:
             batch_size = n if n <= 8192 else 4096
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        if (isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer))
+                or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = int(batch_size)
         fn = self._compiled_fn(kind)
         outs, self.last_nfe = [], 0
         for start in range(0, n, batch_size):
@@ -342,8 +360,9 @@ class Flow:
     @reject_unknown_keywords
     def sample(self, n: int, *, seed: int = 0, batch_size: int | None = None, numpy: bool = True):
         """``n`` samples: base draws pushed through the inverse flow (numpy unless ``numpy=False``)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n <= 0:
             raise ValueError(f"n must be a positive int, got {n!r}")
+        n = int(n)
         b = self.backend
         z = b.normal(b.key(seed), (n, *self.event_shape), dtype=self.dtype, device=self.device)
         x = self._unstandardize(self._run_chunked("inverse", z, batch_size, "raise"))
@@ -410,19 +429,21 @@ def flow_from_header(header: dict, arrays: dict, *, backend=None, device=None, p
     from ._serialize import ModelFileError, fill_tree
     from .backend import default_backend
 
+    b = get_backend(backend if backend is not None else default_backend())
+    dev = b.device(device)
     try:
         fields = [field_from_config(c) for c in header["fields"]]
-        b = get_backend(backend if backend is not None else default_backend())
         dtype = header["dtype"]
         xp = b.namespace()
         dt = getattr(xp, dtype)
-        dev = b.device(device)
         ref = get_backend("numpy")
         templates = tuple(f.init(ref, ref.key(0), dtype=np.float64) for f in fields)
         params = fill_tree(templates, arrays, prefix, lambda v: b.asarray(np.asarray(v), dtype=dt, device=dev))
         return Flow(fields, params, backend=b, device=dev, dtype=dtype, T=header["T"], shift=header["shift"],
                     scale=header["scale"], eval_solver=SolverOptions(**header["eval_solver"]))
-    except (KeyError, TypeError) as e:
+    except ModelFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ModelFileError(f"the model header is incomplete or from an incompatible version ({e!r})") from None
 
 
@@ -430,9 +451,12 @@ def flow_from_header(header: dict, arrays: dict, *, backend=None, device=None, p
 def load(path, *, backend: str | Backend | None = None, device=None) -> Flow:
     """Load a flow saved with :meth:`Flow.save` (or the best model in a training checkpoint)
     on any backend: a flow trained on torch loads on jax and back."""
-    from ._serialize import read_file
+    from ._serialize import ModelFileError, read_file
 
     arrays, header = read_file(path)
     prefix = "best" if header.get("kind") == "checkpoint" and any(k.startswith("best.") for k in arrays) else "params"
-    flow_header = header["flow"] if header.get("kind") == "checkpoint" else header
+    flow_header = header.get("flow") if header.get("kind") == "checkpoint" else header
+    if not isinstance(flow_header, dict):
+        raise ModelFileError(f"{str(path)!r}: the checkpoint's header lacks its flow description; it was written by "
+                             "an incompatible otflow version")
     return flow_from_header(flow_header, arrays, backend=backend, device=device, prefix=prefix)

@@ -9,8 +9,8 @@ from collections.abc import Iterable
 __all__ = ["nearest", "unknown_option_message", "check_keywords", "reject_unknown_keywords"]
 
 
-def nearest(name: str, choices: Iterable[str]) -> str | None:
-    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+def nearest(name, choices: Iterable[str]) -> str | None:
+    found = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
     return found[0] if found else None
 
 

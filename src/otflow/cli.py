@@ -5,6 +5,12 @@
     otflow log-prob MODEL DATA [-o logp.npy]
     otflow plot MODEL [-o model.png] [--data DATA]
     otflow datasets
+
+Exit status: 0 on success; 1 when training failed (``TrainingFailed``: repeated
+numerical faults; the message names the last good checkpoint); 2 for bad input
+(the message names the problem and the fix); 130 when interrupted (Ctrl-C or
+SIGTERM during ``fit``: the final checkpoint and the model so far are written
+first, and ``--resume CHECKPOINT`` continues the run exactly).
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ _FIT_FLAGS = {
     "max_iters": int, "batch_size": int, "lr": float, "method": str, "steps": int, "gradient": str,
     "lambda_kinetic": float, "lambda_jacobian": float, "max_time": float, "seed": int, "dtype": str,
     "rtol": float, "atol": float, "n_blocks": int, "eval_every": int, "checkpoint": str, "checkpoint_every": int,
-    "history": str, "n_train": int, "T": float, "patience": int, "epochs": float,
+    "history": str, "n_train": int, "T": float, "patience": int, "epochs": float, "max_steps": int,
+    "max_failures": int, "lr_backoff": float,
 }
 
 
@@ -39,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--config", default=None, help="a TOML or YAML file of fit options")
     f.add_argument("--out", "-o", default="otflow_model.safetensors", help="where to save the trained flow")
     f.add_argument("--plot", default=None, help="also write a PNG of the result here")
-    f.add_argument("--resume", default=None, help="continue from this checkpoint")
+    f.add_argument("--resume", default=None, help="continue from this checkpoint (written by --checkpoint); the "
+                   "result equals an uninterrupted run")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any fit option, e.g. --set hidden=[32,32] (JSON values)")
@@ -85,8 +93,9 @@ def _cmd_fit(args) -> int:
     options = {k: getattr(args, k) for k in _FIT_FLAGS if getattr(args, k) is not None}
     for item in args.set:
         if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--set expects KEY=VALUE (e.g. --set hidden=[32,32]), got {item!r}")
         key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -98,10 +107,21 @@ def _cmd_fit(args) -> int:
     start = time.perf_counter()
     flow = fit(args.data, backend=args.backend, device=args.device, config=args.config, resume=args.resume, **options)
     info = flow.fit_info
-    path = flow.save(args.out, metadata={"data": args.data, "fit": {k: v for k, v in info.items() if k != "last"}})
+    from ._train import _jsonable
+
+    path = flow.save(args.out, metadata=_jsonable({"data": args.data,
+                                                   "fit": {k: v for k, v in info.items() if k != "last"}}))
+    best = (f"best validation NLL {info['best_val_nll']:.4f} (iteration {info['best_iteration']})"
+            if info["best_iteration"] >= 0 else "no validation")
     line = (f"trained {info['iterations']} iterations in {time.perf_counter() - start:.1f} s on {info['backend']}; "
-            f"best validation NLL {info['best_val_nll']:.4f} (iteration {info['best_iteration']}); saved {path}")
+            f"{best}; saved {path}")
     print(line)
+    if info.get("interrupted"):
+        ck = info.get("checkpoint")
+        how = (f"checkpoint {ck}; continue with: otflow fit {args.data} --resume {ck}" if ck else
+               "no --checkpoint was given, so the run cannot be resumed")
+        print(f"otflow fit: interrupted at iteration {info['iterations']}; {how}", file=sys.stderr)
+        return 130
     from . import datasets
 
     if args.data in datasets.names() and datasets.info(args.data).entropy is not None:
@@ -167,12 +187,19 @@ def main(argv=None) -> int:
     handler = {"fit": _cmd_fit, "sample": _cmd_sample, "log-prob": _cmd_log_prob, "plot": _cmd_plot,
                "datasets": _cmd_datasets}[args.command]
     from ._errors import OtflowError
+    from ._train import TrainingFailed
 
     try:
         return handler(args)
-    except (OtflowError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    except TrainingFailed as e:
+        print(f"otflow {args.command}: training failed: {e}", file=sys.stderr)
+        return 1
+    except (OtflowError, ValueError, TypeError, OSError, ImportError) as e:
         print(f"otflow {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"otflow {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
