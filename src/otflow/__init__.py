@@ -16,12 +16,14 @@ from ._errors import (
     Status,
     StepSizeUnderflow,
 )
+from ._adjoint import AdjointStats, adjoint_counter, adjoint_stats
 from ._divergence import (DivergenceEstimate, estimate_divergence, exact_divergence, hutchinson_divergence,
                           hutchplusplus_divergence, probe_vjp)
 from ._fields import MLP, FunctionField, VelocityField
 from ._flow import Flow, SolverOptions, load
 from ._optim import OptimizerSpec
 from ._train import FitOptions, TrainingFailed, fit
+from ._gradcheck import GradientCheck, check_gradients
 from ._integrate import Solution, Stats, odeint
 from ._objective import RNODELoss, bits_per_dim, dequantize, logit_transform, rnode_loss
 from ._step_size import ErrorNorm, PIController
@@ -31,6 +33,11 @@ from .solvers import RK4, ButcherTableau, Dopri5, Euler, Midpoint
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdjointStats",
+    "adjoint_counter",
+    "adjoint_stats",
+    "GradientCheck",
+    "check_gradients",
     "DivergenceEstimate",
     "estimate_divergence",
     "exact_divergence",

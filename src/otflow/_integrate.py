@@ -15,13 +15,19 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._adjoint import COUNTER_FIELDS, adjoint_solve
 from ._errors import MaxStepsReached, NonFiniteState, Status, StepSizeUnderflow
 from ._options import reject_unknown_keywords, unknown_option_message
 from ._step_size import ErrorNorm, PIController, initial_step_size, resolve_norm
 from .backend import Backend, get_backend
 from .solvers import SOLVERS, AbstractRungeKutta
 
-__all__ = ["odeint", "Solution", "Stats", "DEFAULT_RTOL", "DEFAULT_ATOL", "DEFAULT_MAX_STEPS"]
+__all__ = ["odeint", "Solution", "Stats", "DEFAULT_RTOL", "DEFAULT_ATOL", "DEFAULT_MAX_STEPS", "GRADIENTS"]
+
+#: How :func:`odeint` is differentiated: ``"direct"`` backpropagates through the solver's
+#: operations (discretize-then-optimize); ``"adjoint"`` solves the adjoint equations
+#: backward in time (optimize-then-discretize). See ``docs/gradients.md``.
+GRADIENTS = ("direct", "adjoint")
 
 #: Default tolerances: the FFJORD/RNODE training setting (rtol = atol = 1e-5).
 DEFAULT_RTOL = 1e-5
@@ -153,6 +159,11 @@ def odeint(
     controller: PIController | None = None,
     dt_min: float | None = None,
     loop_kind: str | None = None,
+    gradient: str = "direct",
+    adjoint_rtol: float | None = None,
+    adjoint_atol: float | None = None,
+    adjoint_seminorm: bool = True,
+    adjoint_counter=None,
     backend: str | Backend | None = None,
     throw: bool = True,
 ) -> Solution:
@@ -199,8 +210,30 @@ def odeint(
         Smallest allowed step magnitude; the default is ``10·eps·max(|t|, |t₁ - t₀|)``.
     loop_kind:
         The backend's while-loop kind for adaptive solves (``"forward"``, ``"bounded"``,
-        ``"checkpointed"``; see :data:`otflow.backend.LOOP_KINDS`). Default: ``"forward"``,
-        which JAX cannot reverse-differentiate; torch's eager loop always can.
+        ``"checkpointed"``; see :data:`otflow.backend.LOOP_KINDS`). Default: with
+        ``gradient="direct"`` on a backend that cannot reverse-differentiate a
+        ``"forward"`` loop (JAX), ``"checkpointed"`` (memory sublinear in the number of
+        steps); ``"forward"`` otherwise (torch's eager loop is always differentiable; the
+        adjoint's forward solve keeps no tape). Pass ``"forward"`` for JAX solves that are
+        never reverse-differentiated: cheaper to compile and to run.
+    gradient:
+        How reverse-mode gradients flow through the solve (see ``docs/gradients.md``):
+        ``"direct"`` (default) backpropagates through every solver operation, the exact
+        gradient of the computed solution, memory growing with the number of steps;
+        ``"adjoint"`` (Chen et al. 2018) solves the adjoint equations backward from
+        ``t[-1]`` to ``t[0]`` with their own tolerances, memory independent of the number
+        of steps, the gradient accurate to the backward tolerance. Both give gradients
+        with respect to ``y0``, the array leaves of ``args`` and ``t``.
+    adjoint_rtol, adjoint_atol:
+        Tolerances of the adjoint's backward solve (adaptive methods); default: ``rtol``
+        and ``atol``.
+    adjoint_seminorm:
+        Leave the parameter adjoint (the gradient being accumulated) out of the backward
+        solve's error control (Kidger, Chen & Lyons 2021); the state and its adjoint
+        are controlled with ``norm`` (its mask applies to both). Default True.
+    adjoint_counter:
+        An :func:`otflow.adjoint_counter`: its gradient receives the backward solve's
+        counts (read them with :func:`otflow.adjoint_stats`).
     backend:
         A backend name or object; inferred from ``y0`` when None (numpy arrays run on the
         reference backend).
@@ -226,6 +259,7 @@ def odeint(
         raise TypeError(f"controller must be a PIController, got {type(controller).__name__}")
     if loop_kind is not None and loop_kind not in ("forward", "bounded", "checkpointed"):
         raise ValueError(unknown_option_message("loop_kind", loop_kind, ("forward", "bounded", "checkpointed")))
+    _check_gradient_options(gradient, adjoint_rtol, adjoint_atol, adjoint_seminorm, adjoint_counter)
 
     leaves, treedef = backend.tree_flatten(y0)
     if not leaves:
@@ -238,7 +272,8 @@ def odeint(
     backend.check_dtype(dtype)
     device = backend.device_of(leaves[0])
     for x in leaves:
-        if backend.is_concrete(x) and not bool(xp.all(xp.isfinite(x))):
+        # on the host: under jax.jit even an operation on a concrete (closed-over) array is traced
+        if backend.is_concrete(x) and not np.all(np.isfinite(backend.to_numpy(x))):
             raise ValueError("y0 contains NaN or inf; every initial value must be finite")
 
     eps = float(xp.finfo(dtype).eps)
@@ -275,14 +310,62 @@ def odeint(
     else:
         if (rtol, atol) != (DEFAULT_RTOL, DEFAULT_ATOL) or norm is not None or controller is not None:
             raise ValueError(f"{solver.name!r} is a fixed-step method: rtol, atol, norm and controller do not apply")
+        if adjoint_rtol is not None or adjoint_atol is not None:
+            raise ValueError(f"{solver.name!r} is a fixed-step method: adjoint_rtol and adjoint_atol do not apply "
+                             "(the backward solve takes the forward solve's steps in reverse)")
         counts = _fixed_step_counts(solver, host_t, step_size, n_steps)
 
-    sol = solve(func, leaves, treedef, ts, args, solver=solver, backend=backend, rtol=rtol, atol=atol,
-                step_size=step_size, counts=counts, max_steps=int(max_steps), norm=norm,
-                controller=controller or PIController(), dt_min=dt_min, loop_kind=loop_kind or "forward")
+    if loop_kind is None:
+        direct_needs_reverse = (gradient == "direct" and solver.adaptive and backend.has_autodiff
+                                and "forward" not in backend.reverse_loop_kinds)
+        loop_kind = "checkpointed" if direct_needs_reverse else "forward"
+    options = dict(solver=solver, backend=backend, rtol=rtol, atol=atol, step_size=step_size, counts=counts,
+                   max_steps=int(max_steps), norm=norm, controller=controller or PIController(), dt_min=dt_min,
+                   loop_kind=loop_kind)
+    if gradient == "adjoint" and backend.has_autodiff:
+        counter = adjoint_counter
+        if counter is None:
+            counter = xp.zeros((len(COUNTER_FIELDS),), dtype=dtype, device=device)
+        ys_leaves, stats, status, t_final = adjoint_solve(
+            func, leaves, treedef, ts, args, counter, adjoint_rtol=rtol if adjoint_rtol is None else adjoint_rtol,
+            adjoint_atol=atol if adjoint_atol is None else adjoint_atol, seminorm=adjoint_seminorm, throw=throw,
+            solve_flat=_solve_flat, **options)
+        if counts is not None:  # fixed steps: the counts are static
+            total = sum(counts) * (ts.shape[0] - 1 if len(counts) == 1 else 1)
+            stats = Stats(nfe=total * solver.evals_per_step, n_steps=total, n_accepted=total, n_rejected=0)
+        else:
+            stats = Stats(*stats)
+        sol = Solution(ts=ts, ys=backend.tree_unflatten(treedef, list(ys_leaves)), stats=stats, status=status,
+                       t_final=t_final)
+    else:
+        sol = solve(func, leaves, treedef, ts, args, **options)
     if throw and backend.is_concrete(sol.status):
         raise_for_status(sol, backend, max_steps=max_steps)
     return sol
+
+
+def _check_gradient_options(gradient, adjoint_rtol, adjoint_atol, adjoint_seminorm, adjoint_counter) -> None:
+    if not isinstance(gradient, str) or gradient not in GRADIENTS:
+        raise ValueError(unknown_option_message("gradient", str(gradient), GRADIENTS))
+    if not isinstance(adjoint_seminorm, bool):
+        raise TypeError(f"adjoint_seminorm must be True or False, got {adjoint_seminorm!r}")
+    if gradient == "direct":
+        given = [name for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol),
+                                      ("adjoint_counter", adjoint_counter)) if v is not None]
+        if not adjoint_seminorm:
+            given.append("adjoint_seminorm")
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with gradient='adjoint' (gradient='direct' "
+                             "backpropagates through the forward solve)")
+        return
+    for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
+        if v is not None:
+            _check_tolerance(name, v)
+    if adjoint_counter is not None:
+        shape = tuple(getattr(adjoint_counter, "shape", ()))
+        if shape != (len(COUNTER_FIELDS),):
+            raise ValueError(f"adjoint_counter must come from otflow.adjoint_counter() (shape "
+                             f"({len(COUNTER_FIELDS)},)), got shape {shape}")
 
 
 def _as_state_array(backend, xp, x):
@@ -344,6 +427,16 @@ def raise_for_status(sol: Solution, backend: Backend, *, max_steps: int | None =
 def solve(func, leaves, treedef, ts, args, *, solver, backend, rtol, atol, step_size, counts, max_steps,
           norm, controller, dt_min, loop_kind) -> Solution:
     """The unchecked solve on flat state leaves; :func:`odeint` validates and calls this."""
+    ys_leaves, stats, status, t_final = _solve_flat(
+        func, leaves, treedef, ts, args, solver=solver, backend=backend, rtol=rtol, atol=atol, step_size=step_size,
+        counts=counts, max_steps=max_steps, norm=norm, controller=controller, dt_min=dt_min, loop_kind=loop_kind)
+    return Solution(ts=ts, ys=backend.tree_unflatten(treedef, list(ys_leaves)), stats=stats, status=status,
+                    t_final=t_final)
+
+
+def _solve_flat(func, leaves, treedef, ts, args, *, solver, backend, rtol, atol, step_size, counts, max_steps,
+                norm, controller, dt_min, loop_kind):
+    """:func:`solve` returning ``(ys_leaves, stats, status, t_final)`` (the adjoint's building block)."""
     xp = backend.namespace()
     checked = []
 
@@ -361,9 +454,7 @@ def solve(func, leaves, treedef, ts, args, *, solver, backend, rtol, atol, step_
                               resolve_norm(norm, treedef, backend.tree_unflatten), controller, dt_min, loop_kind)
     else:
         out = _solve_fixed(f, y0, ts, args, solver, backend, xp, counts)
-    ys_leaves, stats, status, t_final = out
-    return Solution(ts=ts, ys=backend.tree_unflatten(treedef, list(ys_leaves)), stats=stats, status=status,
-                    t_final=t_final)
+    return out
 
 
 def _check_rhs(out_leaves, out_def, y, treedef):

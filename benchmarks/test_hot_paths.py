@@ -1,0 +1,88 @@
+"""pytest-benchmark timings of the hot paths (not part of the default test run).
+
+    python -m pytest benchmarks/test_hot_paths.py --benchmark-only -p no:randomly
+
+One dopri5 step of the RNODE augmented dynamics, one training step per backend
+and solver (rk4×4, dopri5 1e-5), and exact-trace ``log_prob`` on 2 000 points,
+on the anchors' reference model (ConcatSquash MLP 2 → 64 → 64 → 64 → 2, batch 512).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import otflow
+from otflow import MLP, Flow
+from otflow._dynamics import rnode_rhs
+from otflow._objective import rnode_loss
+from otflow._optim import OptimizerSpec
+
+
+def _backend(name):
+    try:
+        return otflow.get_backend(name)
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"{name}: {e}")
+
+
+BACKENDS = ["torch", "jax"]
+SOLVERS = {"rk4x4": dict(method="rk4", n_steps=4), "dopri5": dict(method="dopri5", rtol=1e-5, atol=1e-5)}
+
+
+def _setup(name):
+    b = _backend(name)
+    field = MLP((2,), hidden=(64, 64, 64), zero_last=False)
+    params = field.init(b, b.key(0), dtype=b.namespace().float32)
+    x = b.asarray(np.random.default_rng(0).normal(size=(512, 2)).astype(np.float32))
+    return b, field, params, x
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_dopri5_step(benchmark, name):
+    b, field, params, x = _setup(name)
+    solver = otflow.Dopri5()
+    rhs = rnode_rhs(b, field)
+    eps = b.normal(b.key(1), (512, 2), dtype=x.dtype)
+    xp = b.namespace()
+    zero = xp.zeros((512,), dtype=x.dtype)
+    state = (x, zero, zero, zero)
+    t = b.asarray(np.float32(0.0))
+    h = b.asarray(np.float32(0.1))
+
+    def step(state, args):
+        return solver.step(lambda t, y, a: tuple(rhs(t, y, a)), t, state, h, args)[0]
+
+    step = b.jit(step)
+    run = (lambda: b.to_numpy(step(state, (params, eps))[0]))
+    run()
+    benchmark(run)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_training_step(benchmark, name, solver):
+    b, field, params, x = _setup(name)
+    kw = dict(SOLVERS[solver])
+    if solver == "dopri5" and not b.eager:
+        kw["loop_kind"] = "checkpointed"
+
+    def loss_fn(p, xb, key):
+        eps = b.normal(key, tuple(xb.shape), dtype=xb.dtype)
+        out = rnode_loss(b, [field], [p], xb, eps, T=[1.0], solver_kwargs=kw)
+        return out.loss, {"nll": out.nll, "nfe": out.nfe, "status": out.status}
+
+    trainer = b.make_trainer(loss_fn, params, OptimizerSpec(lr=1e-3))
+    counter = iter(range(10**9))
+    run = (lambda: trainer.step(x, b.key(next(counter)), 1e-3))
+    for _ in range(3):
+        run()
+    benchmark(run)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_exact_log_prob(benchmark, name):
+    b, field, params, _ = _setup(name)
+    flow = Flow([field], [params], backend=b)
+    x = np.random.default_rng(1).normal(size=(2000, 2))
+    flow.log_prob(x)
+    benchmark(lambda: flow.log_prob(x))
