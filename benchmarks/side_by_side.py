@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,15 @@ IMPLS = {
 
 
 def run_one(impl, args, anchors, timeout):
-    cmd = [sys.executable, *IMPLS[impl](anchors), *args]
+    script, *rest = IMPLS[impl](anchors)
+    device = os.environ.get("OTFLOW_BENCH_TORCH_DEVICE")
+    if device and impl in ("torchdiffeq", "otflow-torch"):
+        # torch's default device for every tensor the script creates (the anchors take no device option)
+        shim = (f"import sys, runpy, torch; torch.set_default_device({device!r}); sys.argv = sys.argv[1:]; "
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+        cmd = [sys.executable, "-c", shim, script, *rest, *args]
+    else:
+        cmd = [sys.executable, script, *rest, *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}

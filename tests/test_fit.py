@@ -263,3 +263,29 @@ def test_corrupted_and_truncated_model_files(tmp_path):
         ser.FORMAT_VERSION = old
     with pytest.raises(ModelFileError, match="format version 99"):
         otflow.load(tmp_path / "v99.safetensors")
+
+
+def test_stopping_by_epochs_time_and_patience():
+    x = np.random.default_rng(0).normal(size=(300, 2))
+    small = dict(quiet=True, method="euler", steps=1, val_points=20, hidden=(8,))
+    by_epochs = otflow.fit(x, epochs=1.0, batch_size=100, max_iters=50, eval_every=10, **small)
+    n_train = 300 - 20
+    assert by_epochs.fit_info["iterations"] == math.ceil(n_train / 100)
+    by_time = otflow.fit(x, max_time=1e-9, max_iters=50, eval_every=10, **small)
+    assert by_time.fit_info["iterations"] <= 1
+    patient = otflow.fit(x, lr=1e-9, patience=1, max_iters=200, eval_every=2, **small)
+    assert patient.fit_info["iterations"] < 200
+
+
+def test_optimizer_options_are_exercised():
+    x = np.random.default_rng(1).normal(size=(200, 2))
+    for opts in (dict(optimizer="adamw", weight_decay=1e-2), dict(schedule="cosine", warmup=2),
+                 dict(clip_norm=0.1), dict(probe="rademacher"), dict(lambda_kinetic=0.0, lambda_jacobian=0.0),
+                 dict(n_blocks=2, T=0.5), dict(learn_T=True), dict(conditioning="concat", activation="softplus")):
+        flow = otflow.fit(x, quiet=True, method="rk4", steps=2, max_iters=4, eval_every=4, val_points=20,
+                          hidden=(8,), **opts)
+        assert all(h["applied"] for h in flow.history), opts
+        assert np.isfinite(flow.fit_info["best_val_nll"]), opts
+    lrs = [h["lr"] for h in otflow.fit(x, quiet=True, method="euler", steps=1, max_iters=6, eval_every=6,
+                                       val_points=20, hidden=(8,), schedule="cosine", warmup=2).history]
+    assert lrs[0] < lrs[1] and lrs[-1] < lrs[2]
