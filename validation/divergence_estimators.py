@@ -49,6 +49,7 @@ import numpy as np
 
 import otflow
 from otflow._divergence import exact_divergence, hutchinson_divergence, hutchplusplus_divergence
+from validation._common import get_float64_backend
 
 __all__ = [
     "BACKENDS", "N_REPS", "PROBE_COUNTS", "HUTCHPP_COUNTS", "COMPARE_COUNTS", "TIMING_DIMS", "BIAS_SE", "VAR_TOL",
@@ -79,14 +80,8 @@ _BLOCK = 1 << 16
 
 
 def get_backend(name: str):
-    """``otflow.get_backend(name)``, with JAX switched to float64 first."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "jax":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-    return otflow.get_backend(name)
+    """``otflow.get_backend(name)`` in float64 (JAX x64 on)."""
+    return get_float64_backend(name, BACKENDS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,11 +55,17 @@ import otflow
 from otflow._adjoint import adjoint_counter, adjoint_stats
 from otflow._dynamics import RNODE_NORM, rnode_rhs, standard_normal_logpdf
 from otflow._gradcheck import check_gradients
+from validation._common import get_float64_backend as _float64_backend
 
 __all__ = ["BACKENDS", "TOLERANCES", "QUICK_TOLERANCES", "REFERENCE_TOL", "MODES", "PROBLEMS", "make_problem",
            "accuracy_study", "fd_study", "memory_study", "plot", "main"]
 
 BACKENDS = ("torch", "jax")
+
+
+def get_float64_backend(name: str):
+    """``otflow.get_backend(name)`` in float64 (JAX x64 on)."""
+    return _float64_backend(name, BACKENDS)
 TOLERANCES = tuple(10.0 ** -k for k in range(3, 11))
 QUICK_TOLERANCES = (1e-4, 1e-6, 1e-8)
 REFERENCE_TOL = 1e-12
@@ -70,16 +76,6 @@ PROBLEMS = ("tanh4", "cnf")
 #: targets: gradient error at the tightest swept tolerance, error against FD, adjoint memory growth
 REF_TARGET, FD_TARGET, MEMORY_TARGET = 1e-6, 1e-5, 1.2
 REPO = Path(__file__).resolve().parents[1]
-
-
-def get_float64_backend(name: str):
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "jax":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-    return otflow.get_backend(name)
 
 
 def make_problem(b, name: str):

@@ -47,11 +47,17 @@ import scipy.linalg
 
 import otflow
 from otflow import MLP, Flow
+from validation._common import get_float64_backend as _float64_backend
 
 __all__ = ["BACKENDS", "TOLERANCES", "A", "T", "N_POINTS", "MLP_SEED", "X_SEED", "TARGET_FACTOR", "ROUNDOFF",
            "get_float64_backend", "mlp_flow", "linear_flow", "roundtrip_study", "logprob_study", "plot", "main"]
 
 BACKENDS = ("torch", "jax")
+
+
+def get_float64_backend(name: str):
+    """``otflow.get_backend(name)`` in float64 (JAX x64 on)."""
+    return _float64_backend(name, BACKENDS)
 #: rtol = atol of the evaluation solver
 TOLERANCES = tuple(10.0 ** -k for k in range(3, 11))
 #: the linear field ``v = A x`` (a damped, non-normal rotation; tr A = −0.1) and the time horizon
@@ -64,17 +70,6 @@ X_SEED = 1
 TARGET_FACTOR = 30.0
 ROUNDOFF = 1e-13
 MAX_STEPS = 100_000
-
-
-def get_float64_backend(name: str):
-    """``otflow.get_backend(name)``, with JAX switched to float64 first."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "jax":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-    return otflow.get_backend(name)
 
 
 def mlp_flow(backend) -> Flow:

@@ -53,6 +53,7 @@ from scipy.integrate import solve_ivp
 
 import otflow
 from otflow.solvers import SOLVERS
+from validation._common import get_float64_backend as _float64_backend
 
 __all__ = [
     "BACKENDS", "LINEAR_PROBLEMS", "NONLINEAR_PROBLEMS", "ORDER_BOUNDS", "ROUNDOFF_FLOOR", "N_FIT",
@@ -61,6 +62,11 @@ __all__ = [
 ]
 
 BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
+
+
+def get_float64_backend(name: str):
+    """``otflow.get_backend(name)`` in float64 (JAX x64 on)."""
+    return _float64_backend(name, BACKENDS)
 #: errors below this are roundoff, not truncation error, and are left out of the fits
 ROUNDOFF_FLOOR = 1e-13
 #: the order is fitted over this many smallest steps above the roundoff floor
@@ -197,17 +203,6 @@ NONLINEAR_PROBLEMS = (VanDerPol(),)
 
 # --------------------------------------------------------------------------------------------
 # backends
-
-
-def get_float64_backend(name: str):
-    """``otflow.get_backend(name)``, with JAX switched to float64 first."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "jax":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-    return otflow.get_backend(name)
 
 
 def _f64(backend):

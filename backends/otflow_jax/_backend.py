@@ -12,7 +12,7 @@ import numpy as np
 from jax import lax
 
 from otflow._errors import BackendUnavailable
-from otflow._fields import FunctionField
+from otflow._fields import FunctionField, module_event_shape
 from otflow._options import unknown_option_message
 from otflow.backend._base import Backend, _check_kind
 
@@ -310,16 +310,8 @@ class JaxBackend(Backend):
                 f"got params= together with the Equinox module {name}: a module carries its own "
                 "parameters, so which to use would be ambiguous. Drop params=, or put the values into the "
                 "module first (eqx.tree_at / eqx.combine).")
-        own = getattr(obj, "event_shape", None)
-        if event_shape is None and own is None:
-            raise ValueError(
-                f"event_shape= is needed to use the Equinox module {name} as a velocity field: the shape of "
-                "one sample cannot be read off a module. Pass it, e.g. "
-                "Flow.from_velocity(model, event_shape=(2,), backend='jax'), or give the module an "
-                "event_shape field.")
-        shape = _event_shape(event_shape if event_shape is not None else own, name)
-        if event_shape is not None and own is not None and _event_shape(own, name) != shape:
-            raise ValueError(f"event_shape={shape} differs from {name}.event_shape = {own!r}")
+        shape = module_event_shape(obj, event_shape, name,
+                                   "Flow.from_velocity(model, event_shape=(2,), backend='jax')")
         arrays, static = eqx.partition(obj, eqx.is_array)
 
         def apply_fn(p, t, x):
@@ -370,12 +362,3 @@ class JaxBackend(Backend):
         return self._place(jax.random.rademacher(key, tuple(shape), jnp.dtype(dtype)), device)
 
 
-def _event_shape(value, name: str) -> tuple[int, ...]:
-    shape = (value,) if isinstance(value, (int, np.integer)) else value
-    try:
-        shape = tuple(shape)
-    except TypeError:
-        shape = None
-    if not shape or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0 for s in shape):
-        raise ValueError(f"event_shape of {name} must be a tuple of positive ints such as (2,), got {value!r}")
-    return tuple(int(s) for s in shape)

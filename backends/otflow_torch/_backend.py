@@ -10,7 +10,7 @@ import torch
 import torch.utils.checkpoint
 
 from otflow._errors import BackendUnavailable
-from otflow._fields import FunctionField
+from otflow._fields import FunctionField, module_event_shape
 from otflow._options import unknown_option_message
 from otflow.backend._base import Backend
 from otflow.backend._int_keys import make_key, split_key
@@ -205,7 +205,8 @@ class TorchBackend(Backend):
                 "parameters, so which to use would be ambiguous. Drop params= (the module's parameters "
                 "are used and trained in place), or load the values into the module first "
                 "(module.load_state_dict(...)).")
-        shape = _module_event_shape(obj, event_shape, name)
+        shape = module_event_shape(obj, event_shape, name,
+                                   "Flow.from_velocity(module, event_shape=(2,), backend='torch')")
         module = obj
 
         def apply_fn(p, t, x):
@@ -258,32 +259,6 @@ class TorchBackend(Backend):
     def __repr__(self) -> str:
         impl = "" if self.vjp_impl == "func" else f" (vjp_impl={self.vjp_impl!r})"
         return f"<otflow backend 'torch'{impl}>"
-
-
-def _module_event_shape(module, event_shape, name: str) -> tuple[int, ...]:
-    """``event_shape`` as a tuple, or else the module's own ``event_shape`` attribute."""
-    own = getattr(module, "event_shape", None)
-    if event_shape is None and own is None:
-        raise ValueError(
-            f"event_shape= is needed to use the torch.nn.Module {name} as a velocity field: the shape of "
-            "one sample cannot be read off a module. Pass it, e.g. "
-            "Flow.from_velocity(module, event_shape=(2,), backend='torch'), or give the module an "
-            "event_shape attribute.")
-    shape = _as_shape(event_shape if event_shape is not None else own, name)
-    if event_shape is not None and own is not None and _as_shape(own, name) != shape:
-        raise ValueError(f"event_shape={tuple(shape)} differs from {name}.event_shape = {tuple(own)}")
-    return shape
-
-
-def _as_shape(value, name: str) -> tuple[int, ...]:
-    shape = (value,) if isinstance(value, (int, np.integer)) else value
-    try:
-        shape = tuple(shape)
-    except TypeError:
-        shape = None
-    if not shape or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0 for s in shape):
-        raise ValueError(f"event_shape of {name} must be a tuple of positive ints such as (2,), got {value!r}")
-    return tuple(int(s) for s in shape)
 
 
 def _mismatch_hint(params, x, name: str) -> str | None:

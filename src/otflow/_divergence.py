@@ -77,7 +77,7 @@ PROBES = ("gaussian", "rademacher")
 #: ways :func:`exact_divergence` computes the trace: ``"vjp"`` (reverse mode: ``vmap``
 #: of the VJP over the basis), ``"jvp"`` (forward mode: ``vmap`` of the JVP over the
 #: basis), ``"auto"`` (the faster one measured for the backend)
-EXACT_METHODS = ("auto", "vjp", "jvp")
+EXACT_METHODS = ("auto", "vjp", "jvp", "loop")
 
 #: The exact-trace method ``"auto"`` picks per backend name, by measurement on 2 CPU cores
 #: (3-hidden-layer tanh MLP of width 64, batch 512, float32, d = 2, 16, 64;
@@ -87,6 +87,8 @@ EXACT_METHODS = ("auto", "vjp", "jvp")
 #: ``jax.custom_vjp`` functions, which forward mode cannot differentiate. Backends not
 #: listed use ``"vjp"``.
 _EXACT_DEFAULT = {"torch": "vjp", "jax": "vjp"}
+#: ``method="auto"`` loops over the basis on eager backends up to this dimension
+_LOOP_MAX_DIM = 8
 
 
 # ------------------------------------------------------------------------------------------
@@ -195,6 +197,15 @@ def _resolve_exact_method(backend: Backend, method) -> str:
     return method
 
 
+def _auto_exact_method(backend: Backend, d: int) -> str:
+    """Eager backends pay a fixed cost per vmap call; for a few dimensions FFJORD's loop of d
+    VJPs over one forward pass is faster (torch, d = 2, batch 10 000: 0.21 s per evaluation solve
+    against 0.47 s with the vmapped basis)."""
+    if backend.eager and d <= _LOOP_MAX_DIM:
+        return "loop"
+    return _EXACT_DEFAULT.get(backend.name, "vjp")
+
+
 def exact_divergence(backend: Backend, fn: Callable, x, *, method: str = "auto", chunk_size: int | None = None):
     """The exact divergence ``tr(∂v/∂x)`` of every row: ``d`` Jacobian products with the
     basis vectors, vectorized with ``vmap``.
@@ -204,8 +215,10 @@ def exact_divergence(backend: Backend, fn: Callable, x, *, method: str = "auto",
     :param x: points, shape ``(batch, *features)``; ``d = prod(features)``.
     :param method: ``"vjp"`` — one forward pass, then ``vmap`` of the VJP over the basis
         (row ``k`` of ``eₖᵀJ`` is ``J_kk``); ``"jvp"`` — ``vmap`` of the forward-mode JVP
-        over the basis (plus one plain forward pass for ``v``); ``"auto"`` — the faster
-        of the two as measured for the backend (see docs/divergence.md).
+        over the basis (plus one plain forward pass for ``v``); ``"loop"`` — one forward pass
+        and a Python loop of ``d`` VJPs (FFJORD's way; fastest on eager backends for small
+        ``d``); ``"auto"`` — ``"loop"`` on eager backends up to d = 8, else the faster of
+        ``"vjp"``/``"jvp"`` as measured for the backend (see docs/divergence.md).
     :param chunk_size: process at most this many basis vectors at a time. The vectorized
         products hold ``chunk_size × batch × d`` numbers (``d × batch × d`` unchunked,
         e.g. 1.2 GB in float32 for batch 512 and d = 784); chunks run in the backend's
@@ -217,10 +230,25 @@ def exact_divergence(backend: Backend, fn: Callable, x, *, method: str = "auto",
     ``vmap`` is a Python loop (``has_vmap`` False) it still works, ``d`` times slower.
     """
     _require_autodiff(backend, "the exact divergence")
+    auto = method == "auto"
     method = _resolve_exact_method(backend, method)
     xp = backend.namespace()
     batch, feat = x.shape[0], tuple(x.shape[1:])
     d = math.prod(feat)
+    if chunk_size is not None:
+        _check_count("chunk_size", chunk_size)
+    if auto:
+        method = _auto_exact_method(backend, d)
+    if method == "loop":
+        v, vjp_fn = backend.vjp(fn, x)
+        device = backend.device_of(x)
+        cols = xp.reshape(xp.arange(d, device=device), (1, *feat))
+        div = None
+        for k in range(d):
+            e = xp.broadcast_to(xp.astype(cols == k, x.dtype), x.shape)
+            term = _sum_features(xp, vjp_fn(e)[0] * e, 1)
+            div = term if div is None else div + term
+        return v, div
     if chunk_size is None:
         n_chunks = 1
     else:

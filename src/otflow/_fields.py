@@ -171,6 +171,34 @@ class FunctionField(VelocityField):
         return self.apply_fn(params, t, x)
 
 
+def module_event_shape(module, event_shape, name: str, example: str) -> tuple[int, ...]:
+    """The event shape of a native module used as a field: ``event_shape`` as given, or else the
+    module's own ``event_shape`` attribute; a clear error when neither is there or they differ.
+    ``example`` shows the call to make (it names the backend)."""
+    own = getattr(module, "event_shape", None)
+    if event_shape is None and own is None:
+        raise ValueError(
+            f"event_shape= is needed to use the module {name} as a velocity field: the shape of one sample "
+            f"cannot be read off a module. Pass it, e.g. {example}, or give the module an event_shape attribute.")
+    shape = _as_event_shape(event_shape if event_shape is not None else own, name)
+    if event_shape is not None and own is not None and _as_event_shape(own, name) != shape:
+        raise ValueError(f"event_shape={shape} differs from {name}.event_shape = {tuple(own)!r}")
+    return shape
+
+
+def _as_event_shape(value, name: str) -> tuple[int, ...]:
+    import numpy as np
+
+    shape = (value,) if isinstance(value, (int, np.integer)) else value
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        shape = None
+    if not shape or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0 for s in shape):
+        raise ValueError(f"event_shape of {name} must be a tuple of positive ints such as (2,), got {value!r}")
+    return tuple(int(s) for s in shape)
+
+
 def field_from_config(cfg: dict) -> VelocityField:
     """Rebuild a field saved with :meth:`VelocityField.config`."""
     cfg = dict(cfg)

@@ -27,6 +27,8 @@ from .backend import Backend, get_backend
 __all__ = ["Flow", "SolverOptions", "load", "flow_from_header"]
 
 ON_FAILURE = ("raise", "nan")
+#: default chunking of evaluation: at most this many elements in the exact trace's basis batch
+_EXACT_TRACE_BUDGET = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,8 @@ class Flow:
         b, xp = self.backend, self.backend.namespace()
         n = x.shape[0]
         if batch_size is None:
-            batch_size = n if n <= 8192 else 4096
+            # the exact trace vectorizes d VJPs over the chunk: bound d·rows·d elements
+            batch_size = min(n, max(256, _EXACT_TRACE_BUDGET // (self.dim * self.dim)))
         if (isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer))
                 or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
