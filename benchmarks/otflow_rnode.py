@@ -59,6 +59,10 @@ def main(argv=None):
     from otflow._optim import OptimizerSpec
 
     b = otflow.get_backend(backend_name)
+    if backend_name == "torch" and os.environ.get("OTFLOW_TORCH_VJP"):
+        from otflow_torch import TorchBackend
+
+        b = TorchBackend(vjp_impl=os.environ["OTFLOW_TORCH_VJP"])
     xp = b.namespace()
     dim = common.data_dim(a)
     field = MLP((dim,), hidden=(a.width,) * a.depth, zero_last=False)

@@ -12,12 +12,12 @@ Where torch differs from JAX, and what this backend does about it:
 * **custom_vjp via autograd.Function.** Argument trees are flattened so that every
   tensor leaf is a direct input of one ``torch.autograd.Function``; parameter gradients
   therefore flow through autograd's engine and its hooks (DDP, ``.grad`` accumulation).
-* **vjp** is ``torch.func.vjp`` by default: it composes with an enclosing
-  ``loss.backward()``, works under ``vmap`` and may be called several times. The
-  opt-in ``TorchBackend(vjp_impl="autograd")`` uses ``torch.autograd.grad(...,
-  create_graph=True)`` instead, saving torch.func's fixed cost of about 75 µs per call
-  (5–15 % of a 2-D CNF training step on CPU), and falls back to ``torch.func`` where
-  that cannot work (under ``vmap`` or other ``torch.func`` transforms).
+* **vjp** uses ``torch.autograd.grad(..., create_graph=True)`` by default
+  (``vjp_impl="autograd"``): it composes with an enclosing ``loss.backward()``, may be
+  called several times, and saves torch.func's fixed cost of about 75 µs per call (5–15 %
+  of a 2-D CNF training step on CPU); under ``vmap`` or other ``torch.func`` transforms it
+  falls back to ``torch.func.vjp``. ``TorchBackend(vjp_impl="func")`` always uses
+  ``torch.func.vjp``.
 """
 try:
     import torch  # noqa: F401

@@ -27,9 +27,10 @@ _VJP_IMPLS = ("func", "autograd")
 class TorchBackend(Backend):
     """The PyTorch backend (``backend="torch"``).
 
-    ``vjp_impl="func"`` (default) computes VJPs with ``torch.func.vjp``;
-    ``vjp_impl="autograd"`` with ``torch.autograd.grad(create_graph=True)``, which is
-    faster in eager code and falls back to ``torch.func`` under ``torch.func`` transforms.
+    ``vjp_impl="autograd"`` (default) computes VJPs with ``torch.autograd.grad(create_graph=True)``,
+    faster in eager code (RNODE reference step, 1 thread: 0.027 s against 0.030 s on RK4×4,
+    0.037 s against 0.044 s on Dormand–Prince), falling back to ``torch.func`` under
+    ``torch.func`` transforms; ``vjp_impl="func"`` always uses ``torch.func.vjp``.
     """
 
     name = "torch"
@@ -40,7 +41,7 @@ class TorchBackend(Backend):
     reverse_loop_kinds = ("forward", "bounded", "checkpointed")
     eager = True
 
-    def __init__(self, *, vjp_impl: str = "func"):
+    def __init__(self, *, vjp_impl: str = "autograd"):
         if vjp_impl not in _VJP_IMPLS:
             raise ValueError(unknown_option_message("vjp_impl", vjp_impl, _VJP_IMPLS))
         self.vjp_impl = vjp_impl
@@ -257,7 +258,7 @@ class TorchBackend(Backend):
         return torch.randint(0, 2, tuple(shape), generator=gen, dtype=dtype, device=dev).mul_(2).sub_(1)
 
     def __repr__(self) -> str:
-        impl = "" if self.vjp_impl == "func" else f" (vjp_impl={self.vjp_impl!r})"
+        impl = "" if self.vjp_impl == "autograd" else f" (vjp_impl={self.vjp_impl!r})"
         return f"<otflow backend 'torch'{impl}>"
 
 
