@@ -91,6 +91,9 @@ def autograd_vjp(f, primals, has_aux):
         res = f(*tree_unflatten(treedef, inner))
     out, aux = res if has_aux else (res, None)
     out_leaves, out_def = tree_flatten(out)
+    # does anything outside this vjp need the graph? (a primal or a closed-over tensor that
+    # requires grad); if not, behave as torch.func.vjp: plain tensors out, no graph kept
+    tracked = grad_on and (any(x.requires_grad for x in leaves) or _reaches_other_leaves(out_leaves, inner))
 
     def vjp_fn(cotangent):
         if under_transform():  # e.g. vmap(vjp_fn): autograd.grad cannot be vmapped; redo with torch.func
@@ -101,15 +104,32 @@ def autograd_vjp(f, primals, has_aux):
         pairs = [(o, c) for o, c in zip(out_leaves, ct_leaves) if o.requires_grad]
         if pairs and inner:
             grads = torch.autograd.grad([o for o, _ in pairs], inner, [c for _, c in pairs], retain_graph=True,
-                                        create_graph=torch.is_grad_enabled(), allow_unused=True,
+                                        create_graph=tracked and torch.is_grad_enabled(), allow_unused=True,
                                         materialize_grads=True)
         else:
             grads = [torch.zeros_like(x) for x in inner]
         return tree_unflatten(treedef, list(grads))
 
-    if not grad_on:  # as torch.func.vjp under no_grad: nothing reaches an enclosing graph
+    if not tracked:  # as torch.func.vjp: nothing reaches an enclosing graph
         out, aux = detach(out), detach(aux)
     return (out, vjp_fn, aux) if has_aux else (out, vjp_fn)
+
+
+def _reaches_other_leaves(outs, own) -> bool:
+    """Whether the graph of ``outs`` reaches a leaf tensor requiring grad other than ``own``."""
+    own_ids = {id(x) for x in own}
+    stack = [o.grad_fn for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) not in own_ids:
+            return True
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return False
 
 
 def value_and_grad(f, argnums, has_aux):
