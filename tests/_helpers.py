@@ -79,3 +79,14 @@ def assert_close(actual, expected, *, rtol: float, atol: float, backend=None, ch
         if check_dtype:
             assert a_np.dtype == e_np.dtype, f"{where}: dtype {a_np.dtype} != expected {e_np.dtype}"
         np.testing.assert_allclose(a_np, e_np, rtol=rtol, atol=atol, err_msg=where)
+
+
+def backend_available(name: str) -> bool:
+    """Whether ``otflow.get_backend(name)`` works here (the framework imports)."""
+    import otflow
+
+    try:
+        otflow.get_backend(name)
+        return True
+    except Exception:
+        return False

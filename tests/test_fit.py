@@ -15,15 +15,8 @@ import numpy as np
 import pytest
 
 import otflow
+from _helpers import backend_available as _has
 from otflow import datasets
-
-
-def _has(name):
-    try:
-        otflow.get_backend(name)
-        return True
-    except Exception:
-        return False
 
 
 BACKENDS = [n for n in ("torch", "jax") if _has(n)]

@@ -9,6 +9,7 @@ import scipy.linalg
 import scipy.stats
 
 import otflow
+from _helpers import backend_available as _has
 from otflow import MLP, Flow
 
 A = np.array([[-0.3, 0.8], [-0.5, 0.2]])
@@ -86,14 +87,6 @@ def test_standardization_is_undone_and_counted():
     x = _x() * scale + shift
     np.testing.assert_allclose(std.log_prob(x), plain.log_prob((x - shift) / scale) - np.log(scale).sum(), atol=1e-9)
     np.testing.assert_allclose(std.inverse(std.transform(x)), x, atol=1e-7)
-
-
-def _has(name):
-    try:
-        otflow.get_backend(name)
-        return True
-    except Exception:
-        return False
 
 
 @pytest.mark.skipif(not (_has("torch") and _has("jax")), reason="needs torch and jax")
