@@ -240,7 +240,7 @@ class Flow:
     # the solves (one chunk; jitted per kind on compiling backends)
 
     def _solve_kwargs(self) -> dict:
-        return dict(backend=self.backend, throw=False, **self.eval_solver.odeint_kwargs())
+        return dict(backend=self.backend, throw=False, check_inputs=False, **self.eval_solver.odeint_kwargs())
 
     def _logp_chunk(self, params, x):
         xp = self.backend.namespace()
@@ -457,7 +457,9 @@ def load(path, *, backend: str | Backend | None = None, device=None) -> Flow:
     from ._serialize import ModelFileError, read_file
 
     arrays, header = read_file(path)
-    prefix = "best" if header.get("kind") == "checkpoint" and any(k.startswith("best.") for k in arrays) else "params"
+    prefix = "params"
+    if header.get("kind") == "checkpoint":  # its best parameters, else the current training ones
+        prefix = "best" if any(k.startswith("best.") for k in arrays) else "train.fields"
     flow_header = header.get("flow") if header.get("kind") == "checkpoint" else header
     if not isinstance(flow_header, dict):
         raise ModelFileError(f"{str(path)!r}: the checkpoint's header lacks its flow description; it was written by "

@@ -166,6 +166,7 @@ def odeint(
     adjoint_counter=None,
     backend: str | Backend | None = None,
     throw: bool = True,
+    check_inputs: bool = True,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y, args)`` from ``y(t[0]) = y0`` and return ``y`` at every ``t``.
 
@@ -241,6 +242,10 @@ def odeint(
         Raise :class:`~otflow.SolverError` (``MaxStepsReached``, ``StepSizeUnderflow``,
         ``NonFiniteState``) when the solve fails. Under ``jax.jit`` the status is not
         concrete: the solution's ``status`` must be checked by the caller.
+    check_inputs:
+        Check on the host that ``y0`` is finite (one device-to-host copy per leaf). Loops
+        whose inputs are validated elsewhere (the training step, ``Flow`` evaluation) pass
+        ``False``; a non-finite state is then still reported by the solve's status.
 
     Returns
     -------
@@ -271,7 +276,7 @@ def odeint(
             raise TypeError(f"all leaves of y0 must share one dtype; got {dtype} and {x.dtype}. Cast them first.")
     backend.check_dtype(dtype)
     device = backend.device_of(leaves[0])
-    for x in leaves:
+    for x in leaves if check_inputs else ():
         # on the host: under jax.jit even an operation on a concrete (closed-over) array is traced
         if backend.is_concrete(x) and not np.all(np.isfinite(backend.to_numpy(x))):
             raise ValueError("y0 contains NaN or inf; every initial value must be finite")

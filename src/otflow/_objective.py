@@ -68,7 +68,7 @@ def rnode_loss(backend, fields: Sequence, params: Sequence, x, eps, *, T: Sequen
             ts = [0.0, float(t_end)]
         else:  # a learnable end time (a 0-d array of the backend)
             ts = xp.stack([xp.zeros_like(t_end), t_end])
-        sol = odeint(rhs, state, ts, args=(p, eps), backend=backend, throw=False, **extra, **kw)
+        sol = odeint(rhs, state, ts, args=(p, eps), backend=backend, throw=False, check_inputs=False, **extra, **kw)
         final = [leaf[-1, ...] for leaf in sol.ys]
         z, dlogp = final[0], final[1]
         if regularized:

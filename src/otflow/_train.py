@@ -706,7 +706,6 @@ def _write_checkpoint(opts, trainer, b, flow, state, best_params, rng, digest):
     from ._serialize import named_arrays, write_file
 
     arrays = {k: b.to_numpy(v) for k, v in named_arrays(trainer.params, "train").items()}
-    arrays.update({k: b.to_numpy(v) for k, v in named_arrays(tuple(trainer.params["fields"]), "params").items()})
     if best_params is not None:
         arrays.update({k: np.asarray(v) for k, v in named_arrays(tuple(best_params["fields"]), "best").items()})
         if "log_T" in best_params:
