@@ -55,8 +55,8 @@ def main(argv=None):
 
     import otflow
     from otflow import MLP
-    from otflow._objective import rnode_loss
-    from otflow._optim import OptimizerSpec
+    from otflow.cnf import rnode_loss
+    from otflow.training import OptimizerSpec
 
     b = otflow.get_backend(backend_name)
     if backend_name == "torch" and os.environ.get("OTFLOW_TORCH_VJP"):

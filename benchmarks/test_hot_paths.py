@@ -13,9 +13,9 @@ import pytest
 
 import otflow
 from otflow import MLP, Flow
-from otflow._dynamics import rnode_rhs
-from otflow._objective import rnode_loss
-from otflow._optim import OptimizerSpec
+from otflow.cnf.dynamics import rnode_rhs
+from otflow.cnf import rnode_loss
+from otflow.training import OptimizerSpec
 
 
 def _backend(name):

@@ -11,7 +11,7 @@ import importlib.util
 
 import numpy as np
 
-from otflow import _tree
+from otflow.base import tree as _tree
 
 __all__ = ["assert_close", "to_numpy_tree", "framework_installed", "gpu_present"]
 

@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import otflow
-from otflow import _tree as core_tree
+from otflow.base import tree as core_tree
 from otflow.backend import LOOP_KINDS
 
 from _helpers import assert_close, gpu_present

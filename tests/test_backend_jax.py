@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 import otflow  # noqa: E402
-from otflow import _tree  # noqa: E402
+from otflow.base import tree as _tree  # noqa: E402
 from otflow_jax import JaxBackend  # noqa: E402
 from otflow_jax._loops import level_lengths  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Divergence estimators (``otflow._divergence``) on torch and JAX, float64.
+"""Divergence estimators (``otflow.cnf.divergence``) on torch and JAX, float64.
 
 Fields with a known trace: linear ``v = x Aᵀ`` (every row's Jacobian is ``A``), and small
 tanh MLPs whose Jacobians are built here independently (``vmap`` of the VJP over the
@@ -21,7 +21,7 @@ import pytest
 
 import otflow
 from otflow import CapabilityError
-from otflow._divergence import (
+from otflow.cnf.divergence import (
     _EXACT_DEFAULT,
     EXACT_METHODS,
     DivergenceEstimate,

@@ -48,7 +48,7 @@ def test_docs_build_strict(tmp_path):
 
     # the API page really holds generated reference, not just its heading
     api = (site / "api" / "index.html").read_text(encoding="utf-8")
-    for anchor in ("otflow.get_backend", "otflow.BackendUnavailable", "otflow.backend.Backend"):
+    for anchor in ("otflow.get_backend", "otflow.BackendUnavailable", "otflow.base.Backend"):
         assert f'id="{anchor}"' in api, f"no API entry for {anchor} in the built docs"
     assert (site / "architecture" / "index.html").exists()
 

@@ -108,7 +108,7 @@ def test_same_seed_same_parameters(backend):
 def test_jax_step_compiles_once():
     if "jax" not in BACKENDS:
         pytest.skip("needs jax")
-    from otflow._optim import OptimizerSpec
+    from otflow.training import OptimizerSpec
     import jax
     import jax.numpy as jnp
 
@@ -133,8 +133,8 @@ def test_learnable_T_converges_to_the_closed_form(backend):
     """Data N(0, s²), v = a·x fixed, only T trained: z(T) = x·e^{aT} is standard normal at
     T* = −log(s)/a. With a = 0.5, s = 0.5: T* = 1.3863."""
     from otflow import FunctionField
-    from otflow._objective import rnode_loss
-    from otflow._optim import OptimizerSpec
+    from otflow.cnf import rnode_loss
+    from otflow.training import OptimizerSpec
 
     b = otflow.get_backend(backend)
     xp = b.namespace()
@@ -231,7 +231,7 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_corrupted_and_truncated_model_files(tmp_path):
-    from otflow._serialize import ModelFileError
+    from otflow.cnf.serialize import ModelFileError
 
     flow = otflow.fit(np.random.default_rng(0).normal(size=(100, 2)), max_iters=1, quiet=True, method="euler",
                       steps=1, val_points=10, eval_every=1)
@@ -243,10 +243,10 @@ def test_corrupted_and_truncated_model_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(ModelFileError, match="corrupted"):
         otflow.load(tmp_path / "junk.safetensors")
-    from otflow._serialize import read_file, write_file
+    from otflow.cnf.serialize import read_file, write_file
 
     arrays, header = read_file(path)
-    import otflow._serialize as ser
+    import otflow.cnf.serialize as ser
 
     old = ser.FORMAT_VERSION
     try:

@@ -17,9 +17,9 @@ import pytest
 import scipy.linalg
 
 import otflow
-from otflow._adjoint import AdjointStats, adjoint_counter, adjoint_stats
-from otflow._dynamics import RNODE_NORM, rnode_rhs, standard_normal_logpdf
-from otflow._gradcheck import check_gradients
+from otflow.ode.adjoint import AdjointStats, adjoint_counter, adjoint_stats
+from otflow.cnf.dynamics import RNODE_NORM, rnode_rhs, standard_normal_logpdf
+from otflow.ode.gradcheck import check_gradients
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("direct", "adjoint")

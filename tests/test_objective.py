@@ -8,7 +8,7 @@ import pytest
 
 import otflow
 from otflow import MLP, FunctionField
-from otflow._objective import bits_per_dim, dequantize, logit_transform, rnode_loss
+from otflow.cnf import bits_per_dim, dequantize, logit_transform, rnode_loss
 
 
 def _scaled_identity_field(a):

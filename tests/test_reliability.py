@@ -37,7 +37,7 @@ from hypothesis.extra import numpy as hnp
 
 import otflow
 from otflow import Flow, FitOptions, TrainingFailed
-from otflow._serialize import ModelFileError, read_file, write_file
+from otflow.cnf.serialize import ModelFileError, read_file, write_file
 from _helpers import framework_installed, gpu_present
 
 HAS_TORCH = framework_installed("torch")
@@ -257,7 +257,7 @@ def test_resume_refuses_what_cannot_continue(tmp_path):
 
 
 def test_cli_reports_errors_with_exit_codes(tmp_path, capsys):
-    from otflow.cli import main
+    from otflow.training.cli import main
 
     np.save(tmp_path / "nan.npy", np.array([[np.nan, 1.0], [0.0, 1.0]]))
     assert main(["fit", str(tmp_path / "nan.npy"), "--quiet"]) == 2
@@ -510,7 +510,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_handlers_are_restored(monkeypatch):
 
 
 def test_a_crash_mid_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
-    import otflow._serialize as ser
+    import otflow.cnf.serialize as ser
 
     path = tmp_path / "ck.safetensors"
     write_file(path, {"a": np.arange(3.0)}, {"kind": "test", "n": 1})
@@ -532,7 +532,7 @@ def test_a_crash_mid_write_leaves_the_previous_file_intact(tmp_path, monkeypatch
 
 @needs_torch
 def test_a_checkpoint_write_that_fails_during_fit_keeps_the_last_one(tmp_path, monkeypatch):
-    import otflow._serialize as ser
+    import otflow.cnf.serialize as ser
 
     ck = tmp_path / "ck.safetensors"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import otflow
-from otflow.solvers import SOLVERS, ButcherTableau
+from otflow.ode.solvers import SOLVERS, ButcherTableau
 
 # ---------------------------------------------------------------------------------------------
 # problems with known solutions

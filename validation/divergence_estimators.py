@@ -48,7 +48,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 import otflow
-from otflow._divergence import exact_divergence, hutchinson_divergence, hutchplusplus_divergence
+from otflow.cnf.divergence import exact_divergence, hutchinson_divergence, hutchplusplus_divergence
 from validation._common import get_float64_backend
 
 __all__ = [

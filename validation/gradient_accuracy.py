@@ -52,9 +52,9 @@ from typing import Sequence
 import numpy as np
 
 import otflow
-from otflow._adjoint import adjoint_counter, adjoint_stats
-from otflow._dynamics import RNODE_NORM, rnode_rhs, standard_normal_logpdf
-from otflow._gradcheck import check_gradients
+from otflow.ode.adjoint import adjoint_counter, adjoint_stats
+from otflow.cnf.dynamics import RNODE_NORM, rnode_rhs, standard_normal_logpdf
+from otflow.ode.gradcheck import check_gradients
 from validation._common import get_float64_backend as _float64_backend
 
 __all__ = ["BACKENDS", "TOLERANCES", "QUICK_TOLERANCES", "REFERENCE_TOL", "MODES", "PROBLEMS", "make_problem",

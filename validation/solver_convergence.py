@@ -52,7 +52,7 @@ import scipy.linalg
 from scipy.integrate import solve_ivp
 
 import otflow
-from otflow.solvers import SOLVERS
+from otflow.ode.solvers import SOLVERS
 from validation._common import get_float64_backend as _float64_backend
 
 __all__ = [

@@ -16,7 +16,7 @@ Where it differs from the eager backends:
 try:
     import jax  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the environment
-    from otflow._errors import BackendUnavailable
+    from otflow.base import BackendUnavailable
 
     raise BackendUnavailable(
         f"otflow's JAX backend needs jax, which failed to import ({e}). Install it with: pip install 'otflow[jax]'",

@@ -11,10 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from otflow._errors import BackendUnavailable
-from otflow._fields import FunctionField, module_event_shape
-from otflow._options import unknown_option_message
-from otflow.backend._base import Backend, _check_kind
+from otflow.base import Backend, BackendUnavailable, check_loop_kind, unknown_option_message
+from otflow.cnf import FunctionField, module_event_shape
 
 from . import _loops
 
@@ -174,7 +172,7 @@ class JaxBackend(Backend):
         """False for any tracer (``jit``, ``vmap``, ``grad``), even where a value exists."""
         return not isinstance(x, jax.core.Tracer)
 
-    # ---- trees: jax.tree_util (sorted dict keys, None empty, as otflow._tree) -------------
+    # ---- trees: jax.tree_util (sorted dict keys, None empty, as otflow.base.tree) -------------
     def tree_flatten(self, tree):
         return jax.tree_util.tree_flatten(tree)
 
@@ -201,7 +199,7 @@ class JaxBackend(Backend):
         ``ceil(log64 max_steps)``) for about ``levels`` extra forward passes. See
         :mod:`otflow_jax._loops`.
         """
-        _check_kind(kind, max_steps)
+        check_loop_kind(kind, max_steps)
         return _loops.while_loop(cond_fun, body_fun, init_val, max_steps=max_steps, kind=kind)
 
     def fori_loop(self, lower: int, upper: int, body_fun, init_val):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from otflow._optim import OptimizerSpec
+from otflow.training import OptimizerSpec
 
 __all__ = ["JaxTrainer"]
 

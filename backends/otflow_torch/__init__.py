@@ -7,7 +7,7 @@ Where torch differs from JAX, and what this backend does about it:
   inherited Python ``while_loop`` / ``fori_loop`` / ``scan`` are used as they are.
   ``jit`` returns the function unchanged.
 * **Integer keys.** torch has no functional RNG, so a key is a Python ``int``
-  (``otflow.backend._int_keys``); every draw seeds a fresh ``torch.Generator`` on the
+  (``otflow.base.keys``); every draw seeds a fresh ``torch.Generator`` on the
   target device, which makes a draw a pure function of (key, shape, dtype, device).
 * **custom_vjp via autograd.Function.** Argument trees are flattened so that every
   tensor leaf is a direct input of one ``torch.autograd.Function``; parameter gradients

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from otflow._tree import tree_flatten, tree_map, tree_unflatten
+from otflow.base import tree_flatten, tree_map, tree_unflatten
 
 
 def is_none(x) -> bool:

@@ -9,11 +9,8 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
-from otflow._errors import BackendUnavailable
-from otflow._fields import FunctionField, module_event_shape
-from otflow._options import unknown_option_message
-from otflow.backend._base import Backend
-from otflow.backend._int_keys import make_key, split_key
+from otflow.base import Backend, BackendUnavailable, make_key, split_key, unknown_option_message
+from otflow.cnf import FunctionField, module_event_shape
 
 from ._autodiff import (autograd_vjp, custom_vjp, detach, func_jvp, func_vjp, is_wrapped, under_transform,
                         value_and_grad)
@@ -229,7 +226,7 @@ class TorchBackend(Backend):
         return TorchTrainer(self, loss_fn, params, optimizer)
 
     def key(self, seed: int) -> int:
-        """An integer key (see ``otflow.backend._int_keys``)."""
+        """An integer key (see ``otflow.base.keys``)."""
         return make_key(seed)
 
     def split(self, key, num: int = 2) -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from otflow._optim import OptimizerSpec
+from otflow.training import OptimizerSpec
 
 __all__ = ["TorchTrainer"]
 

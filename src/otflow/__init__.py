@@ -5,30 +5,23 @@ imports a framework; backends (``otflow_torch``, ``otflow_jax``, and the
 built-in reference backend for numpy / array-api-strict) supply autodiff,
 compilation, loops, random keys and devices.
 """
-from . import datasets
-from ._errors import (
-    BackendUnavailable,
-    CapabilityError,
-    MaxStepsReached,
-    NonFiniteState,
-    OtflowError,
-    SolverError,
-    Status,
-    StepSizeUnderflow,
-)
-from ._adjoint import AdjointStats, adjoint_counter, adjoint_stats
-from ._divergence import (DivergenceEstimate, estimate_divergence, exact_divergence, hutchinson_divergence,
-                          hutchplusplus_divergence, probe_vjp)
-from ._fields import MLP, FunctionField, VelocityField
-from ._flow import Flow, SolverOptions, load
-from ._optim import OptimizerSpec
-from ._train import FitOptions, TrainingFailed, fit
-from ._gradcheck import GradientCheck, check_gradients
-from ._integrate import Solution, Stats, odeint
-from ._objective import RNODELoss, bits_per_dim, dequantize, logit_transform, rnode_loss
-from ._step_size import ErrorNorm, PIController
-from .backend import Backend, available_backends, get_backend, infer_backend
-from .solvers import RK4, ButcherTableau, Dopri5, Euler, Midpoint
+import sys as _sys
+
+from . import base, cnf, ode, training
+from .base import (Backend, BackendUnavailable, CapabilityError, MaxStepsReached, NonFiniteState, OtflowError,
+                   SolverError, Status, StepSizeUnderflow, available_backends, get_backend, infer_backend)
+from .cnf import (MLP, DivergenceEstimate, Flow, FunctionField, RNODELoss, SolverOptions, VelocityField, bits_per_dim,
+                  dequantize, estimate_divergence, exact_divergence, hutchinson_divergence, hutchplusplus_divergence,
+                  load, logit_transform, probe_vjp, rnode_loss)
+from .ode import (RK4, AdjointStats, ButcherTableau, Dopri5, ErrorNorm, Euler, GradientCheck, Midpoint, PIController,
+                  Solution, Stats, adjoint_counter, adjoint_stats, check_gradients, odeint)
+from .training import FitOptions, OptimizerSpec, TrainingFailed, datasets, fit
+
+# module paths of the first release, kept as aliases of their homes in the layers
+for _old, _new in (("backend", base), ("solvers", ode.solvers), ("datasets", training.datasets),
+                   ("plotting", training.plotting), ("cli", training.cli)):
+    _sys.modules[f"{__name__}.{_old}"] = globals()[_old] = _new
+del _old, _new
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,27 @@
+"""The base layer: what every other layer may use.
+
+Errors and the solver status enum (:mod:`.errors`), keyword and option checking
+(:mod:`.options`), trees of arrays (:mod:`.tree`), the :class:`Backend` protocol
+(:mod:`.backend`), the registry that finds backends by name or from arrays
+(:mod:`.registry`), the reference backend for numpy / array-api-strict
+(:mod:`.reference`) and integer random keys for backends without a functional RNG
+(:mod:`.keys`). It imports nothing from the other layers.
+"""
+from .backend import LOOP_KINDS, Backend, check_loop_kind
+from .errors import (BackendUnavailable, CapabilityError, MaxStepsReached, NonFiniteState, OtflowError, SolverError,
+                     Status, StepSizeUnderflow)
+from .keys import make_key, split_key
+from .options import check_keywords, nearest, reject_unknown_keywords, unknown_option_message
+from .reference import ReferenceBackend
+from .registry import available_backends, default_backend, get_backend, infer_backend, register_backend
+from .tree import TreeDef, tree_flatten, tree_leaves, tree_map, tree_unflatten
+
+__all__ = [
+    "Backend", "LOOP_KINDS", "check_loop_kind", "ReferenceBackend",
+    "available_backends", "default_backend", "get_backend", "infer_backend", "register_backend",
+    "make_key", "split_key",
+    "BackendUnavailable", "CapabilityError", "MaxStepsReached", "NonFiniteState", "OtflowError", "SolverError",
+    "Status", "StepSizeUnderflow",
+    "check_keywords", "nearest", "reject_unknown_keywords", "unknown_option_message",
+    "TreeDef", "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten",
+]
