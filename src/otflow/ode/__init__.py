@@ -8,12 +8,13 @@ control (:mod:`.step_size`), the public entry point with its validation
 """
 from .adjoint import COUNTER_FIELDS, AdjointStats, adjoint_counter, adjoint_stats
 from .gradcheck import GradientCheck, check_gradients
-from .odeint import DEFAULT_ATOL, DEFAULT_MAX_STEPS, DEFAULT_RTOL, GRADIENTS, Solution, Stats, odeint, raise_for_status
+from .odeint import DEFAULT_ATOL, DEFAULT_MAX_STEPS, DEFAULT_RTOL, GRADIENTS, Solution, Stats, odeint, raise_for_status,
+                     resolve_solver
 from .solvers import RK4, SOLVERS, AbstractRungeKutta, ButcherTableau, Dopri5, Euler, Midpoint
 from .step_size import ErrorNorm, PIController
 
 __all__ = [
-    "odeint", "Solution", "Stats", "raise_for_status", "DEFAULT_RTOL", "DEFAULT_ATOL", "DEFAULT_MAX_STEPS", "GRADIENTS",
+    "odeint", "Solution", "Stats", "raise_for_status", "resolve_solver", "DEFAULT_RTOL", "DEFAULT_ATOL", "DEFAULT_MAX_STEPS", "GRADIENTS",
     "AdjointStats", "adjoint_counter", "adjoint_stats", "COUNTER_FIELDS",
     "GradientCheck", "check_gradients",
     "AbstractRungeKutta", "ButcherTableau", "SOLVERS", "Dopri5", "Euler", "Midpoint", "RK4",

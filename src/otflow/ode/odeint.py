@@ -22,7 +22,7 @@ from .step_size import ErrorNorm, PIController, initial_step_size, resolve_norm
 from ..base import Backend, get_backend
 from .solvers import SOLVERS, AbstractRungeKutta
 
-__all__ = ["odeint", "Solution", "Stats", "DEFAULT_RTOL", "DEFAULT_ATOL", "DEFAULT_MAX_STEPS", "GRADIENTS"]
+__all__ = ["odeint", "resolve_solver", "Solution", "Stats", "DEFAULT_RTOL", "DEFAULT_ATOL", "DEFAULT_MAX_STEPS", "GRADIENTS"]
 
 #: How :func:`odeint` is differentiated: ``"direct"`` backpropagates through the solver's
 #: operations (discretize-then-optimize); ``"adjoint"`` solves the adjoint equations
@@ -93,7 +93,12 @@ _OTHER_NAMES = {"rk45": "dopri5", "dopri": "dopri5", "dormand_prince": "dopri5",
                 "explicit_euler": "euler", "forward_euler": "euler", "explicit_midpoint": "midpoint"}
 
 
-def _resolve_solver(method) -> AbstractRungeKutta:
+def resolve_solver(method) -> AbstractRungeKutta:
+    """The solver object for ``method``: a name (case-insensitive), a solver class or instance.
+
+    Whether a method is adaptive, its order and its stages are properties of this object;
+    every layer asks it rather than comparing names.
+    """
     if isinstance(method, AbstractRungeKutta):
         return method
     if isinstance(method, type) and issubclass(method, AbstractRungeKutta):
@@ -255,7 +260,7 @@ def odeint(
     """
     backend = get_backend(backend, like=y0)
     xp = backend.namespace()
-    solver = _resolve_solver(method)
+    solver = resolve_solver(method)
     rtol = _check_tolerance("rtol", rtol)
     atol = _check_tolerance("atol", atol)
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps <= 0:
