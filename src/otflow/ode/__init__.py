@@ -8,8 +8,8 @@ control (:mod:`.step_size`), the public entry point with its validation
 """
 from .adjoint import COUNTER_FIELDS, AdjointStats, adjoint_counter, adjoint_stats
 from .gradcheck import GradientCheck, check_gradients
-from .odeint import DEFAULT_ATOL, DEFAULT_MAX_STEPS, DEFAULT_RTOL, GRADIENTS, Solution, Stats, odeint, raise_for_status,
-                     resolve_solver
+from .odeint import (DEFAULT_ATOL, DEFAULT_MAX_STEPS, DEFAULT_RTOL, GRADIENTS, Solution, Stats, odeint, raise_for_status,
+                     resolve_solver)
 from .solvers import RK4, SOLVERS, AbstractRungeKutta, ButcherTableau, Dopri5, Euler, Midpoint
 from .step_size import ErrorNorm, PIController
 
