@@ -11,7 +11,7 @@ from .backend import LOOP_KINDS, Backend, check_loop_kind
 from .errors import (BackendUnavailable, CapabilityError, MaxStepsReached, NonFiniteState, OtflowError, SolverError,
                      Status, StepSizeUnderflow)
 from .keys import make_key, split_key
-from .options import check_keywords, nearest, reject_unknown_keywords, unknown_option_message
+from .options import nearest, reject_unknown_keywords, unknown_option_message
 from .reference import ReferenceBackend
 from .registry import available_backends, default_backend, get_backend, infer_backend, register_backend
 from .tree import TreeDef, tree_flatten, tree_leaves, tree_map, tree_unflatten
@@ -22,6 +22,6 @@ __all__ = [
     "make_key", "split_key",
     "BackendUnavailable", "CapabilityError", "MaxStepsReached", "NonFiniteState", "OtflowError", "SolverError",
     "Status", "StepSizeUnderflow",
-    "check_keywords", "nearest", "reject_unknown_keywords", "unknown_option_message",
+    "nearest", "reject_unknown_keywords", "unknown_option_message",
     "TreeDef", "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten",
 ]

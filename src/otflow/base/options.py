@@ -6,7 +6,7 @@ import functools
 import inspect
 from collections.abc import Iterable
 
-__all__ = ["nearest", "unknown_option_message", "check_keywords", "reject_unknown_keywords"]
+__all__ = ["nearest", "unknown_option_message", "reject_unknown_keywords"]
 
 
 def nearest(name, choices: Iterable[str]) -> str | None:
@@ -19,13 +19,6 @@ def unknown_option_message(kind: str, name: str, choices: Iterable[str]) -> str:
     guess = nearest(name, choices)
     hint = f" Did you mean {guess!r}?" if guess else ""
     return f"unknown {kind} {name!r}.{hint} Valid: {', '.join(map(repr, choices))}."
-
-
-def check_keywords(where: str, given: Iterable[str], valid: Iterable[str]) -> None:
-    valid = set(valid)
-    for name in given:
-        if name not in valid:
-            raise TypeError(f"{where}: " + unknown_option_message("option", name, valid))
 
 
 def reject_unknown_keywords(fn):
