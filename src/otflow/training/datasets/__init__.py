@@ -13,6 +13,16 @@ from ._digits import (
     load_digits,
 )
 from ._files import load_array
+from ._images import (
+    CIFAR10_RECORD_BYTES,
+    IDX_IMAGES_MAGIC,
+    IDX_LABELS_MAGIC,
+    PIXEL_LEVELS,
+    ImageData,
+    ImageFileError,
+    is_image_source,
+    load_images,
+)
 from ._maf import (
     MAF_DIMS,
     MAF_FILES,
@@ -51,4 +61,12 @@ __all__ = [
     "MAF_FILES",
     "MAF_ZENODO_URL",
     "load_array",
+    "load_images",
+    "is_image_source",
+    "ImageData",
+    "ImageFileError",
+    "PIXEL_LEVELS",
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "CIFAR10_RECORD_BYTES",
 ]
