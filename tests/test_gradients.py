@@ -110,7 +110,7 @@ def cnf_loss(b):
     zero = xp.zeros((CNF_BATCH,), dtype=xp.float64)
 
     def loss(p, mode):
-        sol = otflow.odeint(rnode_rhs(b, CNF_FIELD), (x, zero, zero, zero), [0.0, 1.0], args=(p, eps),
+        sol = otflow.odeint(rnode_rhs(CNF_FIELD, backend=b), (x, zero, zero, zero), [0.0, 1.0], args=(p, eps),
                             gradient=mode, rtol=1e-10, atol=1e-10, norm=RNODE_NORM, throw=False)
         z, dlogp, kinetic, jacobian = (leaf[-1, ...] for leaf in sol.ys)
         nll = -xp.mean(standard_normal_logpdf(xp, z) - dlogp)
@@ -269,15 +269,15 @@ def test_adjoint_counter_reports_backward_work_and_seminorm_saves_steps():
     params = cnf_params(b)
     stats = {}
     for seminorm in (True, False):
-        counter = adjoint_counter(b, dtype=b.namespace().float64)
+        counter = adjoint_counter(backend=b, dtype=b.namespace().float64)
         p = b.tree_map(lambda x: x.detach().requires_grad_(), params)
         xp = b.namespace()
         x = b.asarray(np.random.default_rng(3).normal(size=(16, 2)))
         eps = b.normal(b.key(4), (16, 2), dtype=xp.float64)
         zero = xp.zeros((16,), dtype=xp.float64)
-        sol = otflow.odeint(rnode_rhs(b, CNF_FIELD), (x, zero, zero, zero), [0.0, 0.5, 1.0], args=(p, eps),
-                            norm=RNODE_NORM, rtol=1e-6, atol=1e-6, gradient="adjoint", adjoint_seminorm=seminorm,
-                            adjoint_counter=counter)
+        sol = otflow.odeint(rnode_rhs(CNF_FIELD, backend=b), (x, zero, zero, zero), [0.0, 0.5, 1.0], args=(p, eps),
+                            norm=RNODE_NORM, rtol=1e-6, atol=1e-6,
+                            gradient=otflow.Adjoint(seminorm=seminorm, counter=counter))
         (xp.sum(sol.ys[0][-1] ** 2) + xp.sum(sol.ys[2][-1]) + xp.sum(sol.ys[1][1])).backward()
         stats[seminorm] = adjoint_stats(counter.grad)
     on, off = stats[True], stats[False]
@@ -295,11 +295,11 @@ def test_adjoint_counter_under_jax_jit():
     y0 = jnp.asarray(Y0_LIN)
 
     def loss(M, counter):
-        sol = otflow.odeint(lambda t, y, m: y @ m, y0, [0.0, 1.0], args=M, gradient="adjoint", rtol=1e-6,
-                            atol=1e-6, adjoint_counter=counter)
+        sol = otflow.odeint(lambda t, y, m: y @ m, y0, [0.0, 1.0], args=M, rtol=1e-6, atol=1e-6,
+                            gradient=otflow.Adjoint(counter=counter))
         return jnp.sum(sol.ys[-1] ** 2)
 
-    _, (gM, gc) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(M, adjoint_counter(b, like=y0))
+    _, (gM, gc) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(M, adjoint_counter(backend=b, like=y0))
     s = adjoint_stats(gc)
     assert s.n_failed == 0 and s.nfe == 6 * s.n_steps + 2 and s.n_steps > 3
 
@@ -311,30 +311,146 @@ def test_backward_failure_raises_or_gives_nan():
     torch = pytest.importorskip("torch")
     M = torch.tensor(np.ascontiguousarray(A_LIN.T), requires_grad=True)
     y0 = torch.tensor(Y0_LIN)
-    kw = dict(args=M, rtol=1e-3, atol=1e-3, gradient="adjoint", adjoint_rtol=1e-12, adjoint_atol=1e-12,
-              max_steps=12)
-    sol = otflow.odeint(lambda t, y, m: y @ m, y0, [0.0, 1.0], **kw)
-    with pytest.raises(otflow.MaxStepsReached, match="backward"):
+    kw = dict(args=M, rtol=1e-3, atol=1e-3, max_steps=12)
+    sol = otflow.odeint(lambda t, y, m: y @ m, y0, [0.0, 1.0], gradient=otflow.Adjoint(rtol=1e-12, atol=1e-12), **kw)
+    with pytest.raises(otflow.MaxStepsReached, match=r"backward.*Adjoint\(rtol="):
         sol.ys[-1].sum().backward()
-    counter = adjoint_counter(b, like=y0)
-    sol = otflow.odeint(lambda t, y, m: y @ m, y0, [0.0, 1.0], throw=False, adjoint_counter=counter, **kw)
+    counter = adjoint_counter(backend=b, like=y0)
+    sol = otflow.odeint(lambda t, y, m: y @ m, y0, [0.0, 1.0], throw=False,
+                        gradient=otflow.Adjoint(rtol=1e-12, atol=1e-12, counter=counter), **kw)
     sol.ys[-1].sum().backward()
     assert bool(torch.all(torch.isnan(M.grad))) and adjoint_stats(counter.grad).n_failed == 1
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(gradient="adjiont"), ValueError, "Did you mean 'adjoint'"),
-    (dict(gradient="direct", adjoint_rtol=1e-6), ValueError, "adjoint_rtol only apply"),
-    (dict(gradient="direct", adjoint_seminorm=False), ValueError, "adjoint_seminorm only apply"),
-    (dict(gradient="adjoint", adjoint_seminorm="yes"), TypeError, "adjoint_seminorm"),
-    (dict(gradient="adjoint", adjoint_atol=-1.0), ValueError, "adjoint_atol"),
-    (dict(gradient="adjoint", method="rk4", n_steps=4, adjoint_rtol=1e-6), ValueError, "fixed-step"),
-    (dict(gradient="adjoint", adjoint_counter=np.zeros(3)), ValueError, "adjoint_counter"),
+    (dict(gradient=None), TypeError, r"otflow.Adjoint\(\.\.\.\)"),
+    (dict(gradient="adjoint", method="rk4", n_steps=4), None, None),  # the string form still works
+    (dict(gradient=otflow.Adjoint(rtol=1e-6), method="rk4", n_steps=4), ValueError, "fixed-step"),
     (dict(gradeint="adjoint"), TypeError, "Did you mean 'gradient'"),
 ])
 def test_gradient_options_validated(kwargs, error, match):
+    if error is None:
+        otflow.odeint(lambda t, y, a: -y, np.ones(2), [0.0, 1.0], **kwargs)
+        return
     with pytest.raises(error, match=match):
         otflow.odeint(lambda t, y, a: -y, np.ones(2), [0.0, 1.0], **kwargs)
+
+
+@pytest.mark.parametrize("keyword,value,replacement", [
+    ("adjoint_rtol", 1e-6, r"adjoint_rtol= was replaced by gradient=otflow\.Adjoint\(rtol=\.\.\.\)"),
+    ("adjoint_atol", 1e-6, r"adjoint_atol= was replaced by gradient=otflow\.Adjoint\(atol=\.\.\.\)"),
+    ("adjoint_seminorm", False, r"adjoint_seminorm= was replaced by gradient=otflow\.Adjoint\(seminorm=\.\.\.\)"),
+    ("adjoint_counter", np.zeros(5), r"adjoint_counter= was replaced by gradient=otflow\.Adjoint\(counter=\.\.\.\)"),
+])
+def test_replaced_adjoint_keywords_name_their_replacement(keyword, value, replacement):
+    """The first release's adjoint_* keywords of odeint are refused with the new spelling
+    (before: they were odeint's own keywords and were accepted)."""
+    with pytest.raises(TypeError, match=replacement):
+        otflow.odeint(lambda t, y, a: -y, np.ones(2), [0.0, 1.0], gradient="adjoint", **{keyword: value})
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(rtol=-1.0), ValueError, r"Adjoint\(rtol=\.\.\.\) must be a finite non-negative number"),
+    (dict(atol=float("nan")), ValueError, r"Adjoint\(atol=\.\.\.\)"),
+    (dict(rtol="tight"), TypeError, r"Adjoint\(rtol=\.\.\.\) must be a non-negative float"),
+    (dict(seminorm="yes"), TypeError, r"Adjoint\(seminorm=\.\.\.\) must be True or False"),
+    (dict(counter=np.zeros(3)), ValueError, r"adjoint_counter\(\) \(shape \(5,\)\), got shape \(3,\)"),
+    (dict(counter=[0.0] * 5), TypeError, "must be an array"),
+])
+def test_adjoint_options_validated_on_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        otflow.Adjoint(**kwargs)
+
+
+def test_adjoint_is_one_frozen_choice():
+    adj = otflow.Adjoint(rtol=1e-7)
+    assert (adj.rtol, adj.atol, adj.seminorm, adj.counter) == (1e-7, None, True, None)
+    assert otflow.Adjoint(rtol=1) == otflow.Adjoint(rtol=1.0) and otflow.Adjoint() != adj
+    with pytest.raises(AttributeError):
+        adj.rtol = 1e-3  # frozen
+    assert otflow.Adjoint is otflow.ode.Adjoint
+
+
+def test_adjoint_counter_backend_is_keyword_only():
+    """adjoint_counter(backend=None, *, ...) took the backend positionally; now it is
+    keyword-only and a positional call says so (before: the call succeeded)."""
+    with pytest.raises(TypeError, match=r"adjoint_counter\(backend='numpy'\)"):
+        adjoint_counter("numpy")
+    counter = adjoint_counter(backend="numpy", dtype="float64")
+    np.testing.assert_array_equal(counter, np.zeros(5))
+    assert counter.dtype == np.float64
+
+
+def test_adjoint_tolerances_reach_the_backward_solve():
+    """Adjoint(rtol, atol) set the backward solve's tolerances: tighter ones take more
+    backward steps and give a gradient closer to the exact one, with the same forward solve."""
+    torch = pytest.importorskip("torch")
+    b = otflow.get_backend("torch")
+    gM, _, _ = linear_exact_gradients()
+    results = {}
+    for tol in (1e-4, 1e-10):
+        M = torch.tensor(np.ascontiguousarray(A_LIN.T), requires_grad=True)
+        counter = adjoint_counter(backend=b, dtype=torch.float64)
+        loss = linear_loss(b, dict(rtol=1e-10, atol=1e-10), otflow.Adjoint(rtol=tol, atol=tol, counter=counter))
+        loss(M, b.asarray(Y0_LIN), b.asarray(T_LIN)).backward()
+        err = np.linalg.norm(np_of(b, M.grad) - gM) / np.linalg.norm(gM)
+        results[tol] = (err, adjoint_stats(counter.grad))
+    (loose_err, loose), (tight_err, tight) = results[1e-4], results[1e-10]
+    assert tight.n_steps > 3 * loose.n_steps, (loose, tight)
+    assert tight_err < 1e-8 < loose_err, (loose_err, tight_err)
+
+
+class Fehlberg45(otflow.ode.AbstractRungeKutta):
+    """Fehlberg's 4(5) pair, the fifth-order solution propagated: six stages, no FSAL."""
+
+    tableau = otflow.ButcherTableau.from_fractions(
+        c=[0, "1/4", "3/8", "12/13", 1, "1/2"],
+        a=[[], ["1/4"], ["3/32", "9/32"], ["1932/2197", "-7200/2197", "7296/2197"],
+           ["439/216", -8, "3680/513", "-845/4104"], ["-8/27", 2, "-3544/2565", "1859/4104", "-11/40"]],
+        b=["16/135", 0, "6656/12825", "28561/56430", "-9/50", "2/55"],
+        b_error=["1/360", 0, "-128/4275", "-2197/75240", "1/50", "2/55"],
+        order=5, error_order=4)
+
+
+def test_user_method_without_fsal_in_both_gradient_modes(autodiff_backend):
+    """A user's adaptive pair without FSAL (Fehlberg 4(5)) forward, and backward by either
+    mode: dL/dθ and dL/dy0 of L = Σ y(T)², y' = θ·y, match the exact ones. Before: TypeError
+    in the adaptive loop."""
+    b = autodiff_backend
+    y0 = b.asarray(np.array([1.0, -0.5]))
+    theta, T = -0.7, 1.3
+    want_theta = 2 * T * float(np.sum(np.array([1.0, -0.5]) ** 2)) * np.exp(2 * theta * T)
+    want_y0 = 2 * np.array([1.0, -0.5]) * np.exp(2 * theta * T)
+    for mode in MODES:
+        def loss(th, y, mode=mode):
+            sol = otflow.odeint(lambda t, z, a: a * z, y, [0.0, T], args=th, method=Fehlberg45(), rtol=1e-10,
+                                atol=1e-10, gradient=mode)
+            return b.namespace().sum(sol.ys[-1] ** 2)
+
+        _, (g_theta, g_y0) = value_and_grads(b, loss, b.asarray(np.asarray(theta)), y0, argnums=(0, 1))
+        assert float(np_of(b, g_theta)) == pytest.approx(want_theta, rel=1e-8), mode
+        np.testing.assert_allclose(np_of(b, g_y0), want_y0, rtol=1e-8, err_msg=mode)
+
+
+def test_stats_pass_through_the_adjoint_unchanged(autodiff_backend):
+    """Under differentiation (the custom VJP in action) the adjoint's Solution.stats are the
+    forward loop's: equal to direct mode's; fixed-step counts stay Python ints."""
+    b = autodiff_backend
+    y0 = b.asarray(Y0_LIN)
+    for kw in (dict(rtol=1e-7, atol=1e-7), dict(method="midpoint", step_size=0.1)):
+        counts = {}
+        for mode in MODES:
+            def loss(M, mode=mode):
+                sol = otflow.odeint(lambda t, y, m: y @ m, y0, [0.0, 0.5, 1.0], args=M, gradient=mode, **kw)
+                if "method" in kw:
+                    assert all(type(v) is int for v in sol.stats), sol.stats
+                return b.namespace().sum(sol.ys[-1] ** 2), tuple(sol.stats)
+
+            (_, stats), _ = b.value_and_grad(loss, has_aux=True)(b.asarray(np.ascontiguousarray(A_LIN.T)))
+            counts[mode] = tuple(int(np_of(b, v)) for v in stats)
+        assert counts["direct"] == counts["adjoint"], counts
+        assert counts["adjoint"][0] > 0 and counts["adjoint"][1] == counts["adjoint"][2] + counts["adjoint"][3]
 
 
 def test_reference_backend_solves_with_either_mode():

@@ -174,6 +174,141 @@ def test_fixed_step_odeint_matches_stepping(backend, name):
 
 
 # ---------------------------------------------------------------------------------------------
+# user-defined tableaux: with and without FSAL
+
+
+class HeunEuler(otflow.ode.AbstractRungeKutta):
+    """Heun's method with the embedded Euler method: 2(1), two stages, no FSAL."""
+
+    tableau = ButcherTableau.from_fractions(c=[0, 1], a=[[], [1]], b=["1/2", "1/2"], order=2,
+                                            b_error=["-1/2", "1/2"], error_order=1)
+
+
+class BogackiShampine(otflow.ode.AbstractRungeKutta):
+    """Bogacki & Shampine (1989) 3(2): four stages, FSAL (three new evaluations per step)."""
+
+    name = "bs32"
+    tableau = ButcherTableau.from_fractions(
+        c=[0, "1/2", "3/4", 1], a=[[], ["1/2"], [0, "3/4"], ["2/9", "1/3", "4/9"]], b=["2/9", "1/3", "4/9", 0],
+        order=3, b_error=["-5/72", "1/12", "1/9", "-1/8"], error_order=2)
+
+
+#: (method, FSAL, new evaluations per step, step counts of the order sweeps)
+USER_METHODS = [(HeunEuler, False, 2, [64, 128, 256, 512]), (BogackiShampine, True, 3, [16, 32, 64, 128])]
+
+
+def test_user_tableaux_properties():
+    assert HeunEuler.name == "heuneuler" and BogackiShampine.name == "bs32"
+    assert not HeunEuler().fsal and BogackiShampine().fsal
+    assert HeunEuler().adaptive and BogackiShampine().adaptive
+    for cls, _, _, _ in USER_METHODS:
+        tab = cls.tableau
+        for r in _order_conditions(tab.b, tab.a, tab.c, tab.order):
+            assert abs(float(r)) < 1e-14
+        embedded = [x - e for x, e in zip(tab.b, tab.b_error)]
+        for r in _order_conditions(embedded, tab.a, tab.c, tab.error_order):
+            assert abs(float(r)) < 1e-14
+    with pytest.raises(TypeError, match="needs a class attribute tableau"):
+        type("NoTableau", (otflow.ode.AbstractRungeKutta,), {})
+
+
+@pytest.mark.parametrize("cls,fsal,evals,ns", USER_METHODS, ids=["heun_euler", "bogacki_shampine"])
+def test_user_tableau_orders(backend, cls, fsal, evals, ns):
+    """Observed orders on a fixed-step sweep: the propagated solution's (the method's order)
+    and the embedded solution's (the error estimate's order); and the local error estimate
+    of one step shrinks like h^(error order + 1)."""
+    f, y0, args = linear_problem(backend)
+    solver = cls()
+    T = 2.0
+    exact = exact_linear(T)
+    for embedded, order in ((False, solver.order), (True, solver.error_order)):
+        errors = [np.max(np.abs(_fixed_step_solve(backend, solver, f, y0, args, T, n, embedded) - exact))
+                  for n in ns]
+        assert abs(_observed_order(errors, ns) - order) <= 0.15, (embedded, errors)
+    xp = backend.namespace()
+    fl = lambda t, y, a: (f(t, y[0], a),)  # noqa: E731
+    hs = [0.08, 0.04, 0.02, 0.01]
+    estimates = [np.max(np.abs(np_of(backend, solver.step(fl, xp.asarray(0.0, dtype=y0.dtype), (y0,),
+                                                           xp.asarray(h, dtype=y0.dtype), args)[1][0])))
+                 for h in hs]
+    local_order = np.polyfit(np.log(hs), np.log(estimates), 1)[0]
+    assert abs(local_order - (solver.error_order + 1)) <= 0.15, estimates
+
+
+@pytest.mark.parametrize("cls,fsal,evals,ns", USER_METHODS, ids=["heun_euler", "bogacki_shampine"])
+def test_user_tableau_adaptive_solve(backend, cls, fsal, evals, ns):
+    """A user's embedded pair, with or without FSAL, solves y' = -y to tolerance through
+    odeint (as an instance and as a class). Before: a method without FSAL raised TypeError
+    inside the adaptive loop (a select over its missing last stage)."""
+    xp = backend.namespace()
+    y0 = backend.asarray(np.array([1.0, -2.0, 0.5]))
+    tol = 1e-6 if fsal else 1e-5
+    for method in (cls(), cls):
+        sol = otflow.odeint(lambda t, y, a: -y, y0, [0.0, 0.5, 2.0], method=method, rtol=tol, atol=tol)
+        exact = np.array([1.0, -2.0, 0.5]) * np.exp(-np.array([0.0, 0.5, 2.0]))[:, None]
+        np.testing.assert_allclose(np_of(backend, sol.ys), exact, rtol=0, atol=100 * tol)
+        assert sol.n_steps == sol.n_accepted + sol.n_rejected and sol.n_accepted > 5
+        # f(t0) and Hairer's probe, then the new evaluations of each attempted step
+        assert sol.nfe == 2 + evals * sol.n_steps, (sol.nfe, sol.n_steps)
+    # with a given first step: no probe, and a method without FSAL needs no f(t0) either
+    sol = otflow.odeint(lambda t, y, a: -y, y0, [0.0, 2.0], method=cls(), rtol=tol, atol=tol, step_size=0.01)
+    assert sol.nfe == (1 if fsal else 0) + evals * sol.n_steps
+    with pytest.raises(ValueError, match="is adaptive"):
+        otflow.odeint(lambda t, y, a: -y, y0, [0.0, 2.0], method=cls(), n_steps=4)
+    del xp
+
+
+class MyDopri5(otflow.ode.AbstractRungeKutta):
+    """A user's copy of Dormand–Prince's tableau under another name."""
+
+    tableau = otflow.Dopri5.tableau
+
+
+@pytest.mark.parametrize("method", ["DOPRI5", "Dopri5", otflow.Dopri5(), otflow.Dopri5, MyDopri5()],
+                         ids=["upper", "title", "instance", "class", "user_tableau"])
+def test_adaptivity_comes_from_the_solver_object(backend, method):
+    """Every spelling of an adaptive method behaves as "dopri5": the same steps and values,
+    tolerances accepted, n_steps refused."""
+    f, y0, args = linear_problem(backend)
+    ref = otflow.odeint(f, y0, [0.0, 1.0, 2.0], args=args, rtol=1e-7, atol=1e-7)
+    sol = otflow.odeint(f, y0, [0.0, 1.0, 2.0], args=args, method=method, rtol=1e-7, atol=1e-7)
+    np.testing.assert_array_equal(np_of(backend, sol.ys), np_of(backend, ref.ys))
+    assert (sol.nfe, sol.n_steps, sol.n_rejected) == (ref.nfe, ref.n_steps, ref.n_rejected)
+    assert otflow.ode.resolve_solver(method).adaptive
+    with pytest.raises(ValueError, match="is adaptive"):
+        otflow.odeint(f, y0, [0.0, 1.0], args=args, method=method, n_steps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# tolerances: None means "not given"
+
+
+@pytest.mark.parametrize("given", [dict(rtol=1e-5), dict(atol=1e-5), dict(rtol=1e-6), dict(norm="rms"),
+                                   dict(controller=otflow.PIController()), dict(dt_min=1e-3)],
+                         ids=["default_rtol", "default_atol", "rtol", "norm", "controller", "dt_min"])
+def test_fixed_step_methods_refuse_adaptive_options(given):
+    """Any rtol/atol/norm/controller/dt_min given to a fixed-step method is refused, also one
+    equal to the adaptive default (before: rtol=1e-5 and atol=1e-5 passed silently, being
+    the defaults, and dt_min was ignored)."""
+    name = next(iter(given))
+    with pytest.raises(ValueError, match=rf"'rk4' is a fixed-step method: {name} does not apply"):
+        otflow.odeint(_f, np.ones(2), [0.0, 1.0], method="rk4", step_size=0.1, **given)
+
+
+def test_adaptive_tolerances_default_to_1e_5():
+    f = lambda t, y, a: -y  # noqa: E731
+    default = otflow.odeint(f, np.ones(3), [0.0, 3.0])
+    explicit = otflow.odeint(f, np.ones(3), [0.0, 3.0], rtol=1e-5, atol=1e-5)
+    rtol_only = otflow.odeint(f, np.ones(3), [0.0, 3.0], rtol=1e-5)
+    assert otflow.ode.DEFAULT_RTOL == otflow.ode.DEFAULT_ATOL == 1e-5
+    for sol in (explicit, rtol_only):
+        np.testing.assert_array_equal(sol.ys, default.ys)
+        assert sol.nfe == default.nfe
+    tighter = otflow.odeint(f, np.ones(3), [0.0, 3.0], atol=1e-9)  # rtol stays 1e-5
+    assert tighter.nfe > default.nfe
+
+
+# ---------------------------------------------------------------------------------------------
 # adaptive control
 
 
@@ -381,6 +516,10 @@ def test_bad_times(t, match):
     (dict(method="rk4", step_size=0.1, n_steps=3), ValueError, "exactly one"),
     (dict(method="rk4", step_size=-0.1), ValueError, "positive"),
     (dict(method="rk4", step_size=0.1, rtol=1e-3), ValueError, "fixed-step"),
+    (dict(method=3), TypeError, "AbstractRungeKutta"),
+    (dict(step_size=float("inf")), ValueError, "step_size must be positive and finite"),
+    (dict(dt_min=-1.0), ValueError, "dt_min must be positive"),
+    (dict(controller="pi"), TypeError, "PIController"),
     (dict(n_steps=4), ValueError, "adaptive"),
     (dict(norm="l2"), ValueError, "unknown norm kind"),
     (dict(norm="rsm"), ValueError, "Did you mean 'rms'"),

@@ -9,7 +9,7 @@ Three studies, in float64:
 1. **Error against tolerance.** For each problem and each tolerance ``rtol = atol``
    (forward and backward alike) the gradient of the loss is computed with
    ``gradient="direct"``, ``gradient="adjoint"`` (seminorm, the default) and
-   ``gradient="adjoint", adjoint_seminorm=False``. The error is the relative 2-norm
+   ``gradient=otflow.Adjoint(seminorm=False)``. The error is the relative 2-norm
    distance to a reference gradient (direct mode at rtol = atol = 1e-12; the adjoint's
    reference-tolerance gradient is reported beside it). Also recorded: the forward NFE
    (``Solution.stats.nfe``), the backward NFE of the adjoint (its
@@ -39,6 +39,7 @@ smallest to the largest step count; 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -69,9 +70,8 @@ def get_float64_backend(name: str):
 TOLERANCES = tuple(10.0 ** -k for k in range(3, 11))
 QUICK_TOLERANCES = (1e-4, 1e-6, 1e-8)
 REFERENCE_TOL = 1e-12
-#: (label, odeint keywords)
-MODES = (("direct", dict(gradient="direct")), ("adjoint", dict(gradient="adjoint")),
-         ("adjoint, no seminorm", dict(gradient="adjoint", adjoint_seminorm=False)))
+#: (label, odeint's gradient=)
+MODES = (("direct", "direct"), ("adjoint", otflow.Adjoint()), ("adjoint, no seminorm", otflow.Adjoint(seminorm=False)))
 PROBLEMS = ("tanh4", "cnf")
 #: targets: gradient error at the tightest swept tolerance, error against FD, adjoint memory growth
 REF_TARGET, FD_TARGET, MEMORY_TARGET = 1e-6, 1e-5, 1.2
@@ -79,7 +79,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_problem(b, name: str):
-    """``(loss, args)``: ``loss(args, counter, tol, **odeint_kw) -> (value, forward_nfe)``."""
+    """``(loss, args)``: ``loss(args, counter, tol, gradient) -> (value, forward_nfe)``; with an
+    :class:`otflow.Adjoint` ``gradient``, ``counter`` receives the backward counts."""
     xp = b.namespace()
     f64 = xp.float64
     if name == "tanh4":
@@ -92,10 +93,10 @@ def make_problem(b, name: str):
         def f(t, y, p):
             return xp.tanh(y @ p["W"] + p["b"]) - p["c"] * xp.sin(3.0 * t) * y
 
-        def loss(q, counter, tol, **kw):
+        def loss(q, counter, tol, gradient):
             ts = xp.stack([xp.zeros_like(q["T"]), xp.zeros_like(q["T"]) + 0.4, q["T"]])
-            extra = {"adjoint_counter": counter} if kw.get("gradient") == "adjoint" else {}
-            sol = otflow.odeint(f, q["y0"], ts, args=q["p"], rtol=tol, atol=tol, throw=False, **extra, **kw)
+            sol = otflow.odeint(f, q["y0"], ts, args=q["p"], rtol=tol, atol=tol, throw=False,
+                                gradient=_with_counter(gradient, counter))
             value = xp.sum(xp.sin(sol.ys[1, ...])) + 0.5 * xp.sum(sol.ys[-1, ...] ** 2)
             return value, sol.stats.nfe
 
@@ -108,10 +109,10 @@ def make_problem(b, name: str):
         eps = b.normal(b.key(4), (n, 2), dtype=f64)
         zero = xp.zeros((n,), dtype=f64)
 
-        def loss(p, counter, tol, **kw):
-            extra = {"adjoint_counter": counter} if kw.get("gradient") == "adjoint" else {}
-            sol = otflow.odeint(rnode_rhs(b, field), (x, zero, zero, zero), [0.0, 1.0], args=(p, eps), norm=RNODE_NORM,
-                                rtol=tol, atol=tol, throw=False, **extra, **kw)
+        def loss(p, counter, tol, gradient):
+            sol = otflow.odeint(rnode_rhs(field, backend=b), (x, zero, zero, zero), [0.0, 1.0], args=(p, eps),
+                                norm=RNODE_NORM, rtol=tol, atol=tol, throw=False,
+                                gradient=_with_counter(gradient, counter))
             z, dlogp, kinetic, jacobian = (leaf[-1, ...] for leaf in sol.ys)
             value = -xp.mean(standard_normal_logpdf(xp, z) - dlogp) + 0.1 * xp.mean(kinetic) + 0.1 * xp.mean(jacobian)
             return value, sol.stats.nfe
@@ -120,14 +121,21 @@ def make_problem(b, name: str):
     raise ValueError(f"unknown problem {name!r}; choose from {PROBLEMS}")
 
 
+def _with_counter(gradient, counter):
+    """``gradient`` with the step counter attached when it is the adjoint method."""
+    if isinstance(gradient, otflow.Adjoint) and counter is not None:
+        return dataclasses.replace(gradient, counter=counter)
+    return gradient
+
+
 def _flat(b, tree) -> np.ndarray:
     return np.concatenate([np.asarray(b.to_numpy(x), dtype=np.float64).ravel() for x in b.tree_leaves(tree)])
 
 
-def _gradient(b, loss, args, tol, kw, repeats: int = 3):
+def _gradient(b, loss, args, tol, gradient, repeats: int = 3):
     """(value, flat gradient, forward NFE, backward stats, median seconds)."""
-    counter = adjoint_counter(b, dtype=b.namespace().float64)
-    fn = b.jit(b.value_and_grad(lambda a, c: loss(a, c, tol, **kw), argnums=(0, 1), has_aux=True))
+    counter = adjoint_counter(backend=b, dtype=b.namespace().float64)
+    fn = b.jit(b.value_and_grad(lambda a, c: loss(a, c, tol, gradient), argnums=(0, 1), has_aux=True))
     (value, nfe), (g, gc) = fn(args, counter)
     times = []
     for _ in range(repeats):
@@ -147,21 +155,22 @@ def accuracy_study(backend_name: str, tols: Sequence[float] = TOLERANCES, proble
     rows, refs = [], []
     for pname in problems:
         loss, args = make_problem(b, pname)
-        ref_value, ref, _, _, _ = _gradient(b, loss, args, REFERENCE_TOL, dict(gradient="direct"), repeats=0)
-        _, ref_adj, _, _, _ = _gradient(b, loss, args, REFERENCE_TOL, dict(gradient="adjoint"), repeats=0)
+        ref_value, ref, _, _, _ = _gradient(b, loss, args, REFERENCE_TOL, "direct", repeats=0)
+        _, ref_adj, _, _, _ = _gradient(b, loss, args, REFERENCE_TOL, otflow.Adjoint(), repeats=0)
         agreement = float(np.linalg.norm(ref_adj - ref) / np.linalg.norm(ref))
         refs.append(dict(problem=pname, loss=ref_value, adjoint_vs_direct=agreement, n_params=int(ref.size)))
         if verbose:
             print(f"  {pname}: reference at tol {REFERENCE_TOL:g}: {ref.size} parameters, "
                   f"adjoint vs direct {agreement:.1e}", flush=True)
         for tol in tols:
-            for label, kw in MODES:
-                value, g, nfe, stats, seconds = _gradient(b, loss, args, tol, kw)
+            for label, gradient in MODES:
+                adjoint = isinstance(gradient, otflow.Adjoint)
+                value, g, nfe, stats, seconds = _gradient(b, loss, args, tol, gradient)
                 rows.append(dict(problem=pname, mode=label, tol=tol,
                                  error=float(np.linalg.norm(g - ref) / np.linalg.norm(ref)),
                                  loss_error=abs(value - ref_value) / abs(ref_value), nfe_forward=nfe,
-                                 nfe_backward=stats.nfe if kw["gradient"] == "adjoint" else nfe,
-                                 backward_steps=stats.n_steps if kw["gradient"] == "adjoint" else None,
+                                 nfe_backward=stats.nfe if adjoint else nfe,
+                                 backward_steps=stats.n_steps if adjoint else None,
                                  seconds=seconds))
     return rows, refs
 
@@ -172,7 +181,7 @@ def fd_study(backend_name: str, problems: Sequence[str] = PROBLEMS, tol: float =
     out = []
     for pname in problems:
         loss, args = make_problem(b, pname)
-        report = check_gradients(lambda a, mode: loss(a, None, tol, gradient=mode)[0], args, n_directions=4)
+        report = check_gradients(lambda a, mode: loss(a, None, tol, mode)[0], args, n_directions=4)
         out.append(dict(problem=pname, tol=tol, fd_errors=report.fd_errors,
                         direct_vs_adjoint=report.pair_errors[("direct", "adjoint")], fd_noise=report.fd_noise,
                         table=str(report)))

@@ -1,17 +1,18 @@
 """The adjoint method: gradients of an ODE solve from a second, backward solve.
 
-``odeint(..., gradient="adjoint")`` wraps the solve in the backend's
-``custom_vjp`` (written once here, against the array API). The forward pass
-solves without a tape and keeps only the output times, the output states and
-the arguments; the backward pass integrates the augmented system (Chen, Rubanova,
-Bettencourt & Duvenaud, NeurIPS 2018, eq. 4 and appendix B; Pontryagin et al. 1962)
+``odeint(..., gradient="adjoint")`` (or ``gradient=Adjoint(...)``) wraps the solve in
+the backend's ``custom_vjp`` (written once here, against the array API). The forward
+pass runs the integration loop (:mod:`.loop`) without a tape and keeps only the output
+times, the output states and the arguments; the backward pass integrates the augmented
+system (Chen, Rubanova, Bettencourt & Duvenaud, NeurIPS 2018, eq. 4 and appendix B;
+Pontryagin et al. 1962)
 
     dy/dt = f(t, y, θ)
     da/dt = −aᵀ ∂f/∂y          a = ∂L/∂y
     dg/dt = −aᵀ ∂f/∂θ          g = ∂L/∂θ, accumulated
 
-from ``t_N`` back to ``t_0``, one output interval at a time: at each output time
-``t_i`` the state is reset to the stored forward value ``y_i`` and the output
+from ``t_N`` back to ``t_0`` with the same loop, one output interval at a time: at each
+output time ``t_i`` the state is reset to the stored forward value ``y_i`` and the output
 cotangent ``∂L/∂y_i`` is added to ``a`` (torchdiffeq's ``odeint_adjoint`` does the
 same). The output times get ``∂L/∂t_i = (∂L/∂y_i)ᵀ f(t_i, y_i)`` for ``i ≥ 1`` and
 ``∂L/∂t_0 = −a(t_0⁺)ᵀ f(t_0, y_0)``. Memory is independent of the number of steps.
@@ -19,42 +20,114 @@ same). The output times get ``∂L/∂t_i = (∂L/∂y_i)ᵀ f(t_i, y_i)`` for `
 Error control of the backward solve (adaptive methods): the forward ``norm`` is
 applied to ``y`` and to ``a`` separately (so a forward mask, such as the CNF's
 masked regularizer integrals, masks the matching adjoint components too) and the
-larger value is taken; with ``adjoint_seminorm=True`` the parameter adjoint ``g``
+larger value is taken; with ``Adjoint(seminorm=True)`` the parameter adjoint ``g``
 is left out (Kidger, Chen & Lyons, "'Hey, that's not an ODE': Faster ODE
 Adjoints via Seminorms", ICML 2021): ``g`` never feeds back into ``y`` or ``a``,
 so its local error does not grow. Fixed-step methods integrate backward with the
 same method and the same step counts as the forward solve.
 
 The backward step counts leave the custom VJP through the cotangent of a dummy
-zero argument (the convention of :meth:`otflow.backend.Backend.custom_vjp`):
+zero argument (the convention of :meth:`otflow.base.Backend.custom_vjp`):
 :func:`adjoint_counter` makes that argument, :func:`adjoint_stats` reads its
 gradient.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
-from ..base.errors import MaxStepsReached, NonFiniteState, Status, StepSizeUnderflow
-from .step_size import ErrorNorm, resolve_norm
 from ..base import Backend, get_backend
+from ..base.errors import MaxStepsReached, NonFiniteState, Status, StepSizeUnderflow
+from ..base.options import unknown_option_message
+from .loop import FlatRHS, LoopResult, LoopSettings, fixed_step_stats, integrate
+from .step_size import ErrorNorm, check_tolerance, resolve_norm
 
-__all__ = ["AdjointStats", "adjoint_counter", "adjoint_stats", "COUNTER_FIELDS"]
+__all__ = ["Adjoint", "AdjointStats", "adjoint_counter", "adjoint_stats", "COUNTER_FIELDS", "GRADIENTS",
+           "resolve_gradient", "adjoint_integrate"]
+
+#: the names ``odeint(gradient=...)`` accepts: ``"direct"`` backpropagates through the solver's
+#: operations (discretize-then-optimize); ``"adjoint"`` is ``Adjoint()``, the adjoint equations
+#: solved backward in time (optimize-then-discretize). See ``docs/gradients.md``.
+GRADIENTS = ("direct", "adjoint")
 
 #: what the entries of an adjoint counter's gradient count, in order
 COUNTER_FIELDS = ("nfe", "n_steps", "n_accepted", "n_rejected", "n_failed")
 
 
 @dataclass(frozen=True)
+class Adjoint:
+    """``odeint(..., gradient=Adjoint(...))``: reverse-mode gradients by the adjoint method
+    (Chen et al., NeurIPS 2018), with the backward solve's options. ``gradient="adjoint"``
+    is ``Adjoint()``.
+
+    :param rtol: the backward solve's relative tolerance (adaptive methods; ``None``: the
+        forward ``rtol``). Fixed-step methods integrate backward on the forward grid and
+        refuse it.
+    :param atol: the backward solve's absolute tolerance, likewise.
+    :param seminorm: leave the parameter adjoint (the gradient being accumulated) out of the
+        backward solve's error control (Kidger, Chen & Lyons, ICML 2021); the state and its
+        adjoint are controlled with the forward ``norm`` (its mask applies to both).
+    :param counter: an :func:`adjoint_counter`; its gradient receives the backward solve's
+        counts (read them with :func:`adjoint_stats`). Any number of solves may share one.
+    :raises TypeError: a tolerance that is not a number, ``seminorm`` not a bool, a counter
+        that is not an array.
+    :raises ValueError: a negative or non-finite tolerance, a counter of the wrong shape.
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+    seminorm: bool = True
+    counter: Any = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, check_tolerance(f"Adjoint({name}=...)", value))
+        if not isinstance(self.seminorm, bool):
+            raise TypeError(f"Adjoint(seminorm=...) must be True or False, got {self.seminorm!r}")
+        if self.counter is not None:
+            shape = getattr(self.counter, "shape", None)
+            if shape is None:
+                raise TypeError(f"Adjoint(counter=...) must be an array from otflow.adjoint_counter(), "
+                                f"got {type(self.counter).__name__}")
+            if tuple(shape) != (len(COUNTER_FIELDS),):
+                raise ValueError(f"Adjoint(counter=...) must come from otflow.adjoint_counter() (shape "
+                                 f"({len(COUNTER_FIELDS)},)), got shape {tuple(shape)}")
+
+
+def resolve_gradient(gradient) -> Adjoint | None:
+    """``odeint``'s ``gradient=`` as an :class:`Adjoint`, or ``None`` for ``"direct"``.
+
+    :raises ValueError: an unknown name (the nearest valid one is suggested).
+    :raises TypeError: neither a name nor an :class:`Adjoint`.
+    """
+    if isinstance(gradient, Adjoint):
+        return gradient
+    if isinstance(gradient, str):
+        if gradient == "direct":
+            return None
+        if gradient == "adjoint":
+            return Adjoint()
+        raise ValueError(unknown_option_message("gradient", gradient, GRADIENTS))
+    raise TypeError(f"gradient must be 'direct', 'adjoint' or an otflow.Adjoint(...), got {type(gradient).__name__}")
+
+
+@dataclass(frozen=True)
 class AdjointStats:
     """Counts of the adjoint backward solves that shared one counter (summed over them).
 
-    ``nfe``: evaluations of the augmented dynamics, each one call of ``func`` with one
-    vector–Jacobian product (the ``N + 1`` plain evaluations of ``func`` for the
-    output-time gradients are not included); ``n_steps``, ``n_accepted``,
-    ``n_rejected``: steps of the backward solves; ``n_failed``: backward solves that
-    did not reach ``t_0`` (their gradients are NaN).
+    :param nfe: evaluations of the augmented dynamics, each one call of ``func`` with one
+        vector–Jacobian product (the ``N + 1`` plain evaluations of ``func`` for the
+        output-time gradients are not included).
+    :param n_steps: attempted steps of the backward solves.
+    :param n_accepted: accepted steps.
+    :param n_rejected: rejected steps.
+    :param n_failed: backward solves that did not reach ``t_0`` (their gradients are NaN).
     """
 
     nfe: int
@@ -64,10 +137,10 @@ class AdjointStats:
     n_failed: int
 
 
-def adjoint_counter(backend: str | Backend | None = None, *, like=None, dtype=None, device=None):
+def adjoint_counter(*positional, backend: str | Backend | None = None, like=None, dtype=None, device=None):
     """A zero array whose gradient receives the adjoint's backward counts.
 
-    Pass it to ``odeint(..., gradient="adjoint", adjoint_counter=counter)`` (any number of
+    Pass it as ``odeint(..., gradient=otflow.Adjoint(counter=counter))`` (any number of
     solves may share it; the counts add up) and differentiate with respect to it:
 
     * torch: the counter is created with ``requires_grad=True``; after
@@ -77,13 +150,17 @@ def adjoint_counter(backend: str | Backend | None = None, *, like=None, dtype=No
       ``jax.grad(loss, argnums=(0, 1))(params, counter)``, and read
       ``otflow.adjoint_stats(grads[1])``; this works under ``jit``.
 
-    :param backend: a backend name or object (inferred from ``like`` when None).
+    :param backend: a backend name or object (inferred from ``like`` when None); keyword only.
     :param like: an array whose backend, dtype and device the counter takes.
     :param dtype: a floating dtype (default: that of ``like``, else float32; counts are
         exact up to 2²⁴ in float32).
     :param device: where the counter lives (default: that of ``like``, else the default).
     :returns: a zero array of shape ``(5,)`` (see :data:`COUNTER_FIELDS`).
+    :raises TypeError: a positional argument (the backend is ``backend=``).
     """
+    if positional:
+        raise TypeError(f"adjoint_counter() takes keyword arguments only: pass the backend as "
+                        f"adjoint_counter(backend={positional[0]!r}) (or like=an array)")
     b = get_backend(backend, like=like)
     xp = b.namespace()
     if dtype is None:
@@ -100,9 +177,13 @@ def adjoint_counter(backend: str | Backend | None = None, *, like=None, dtype=No
 
 
 def adjoint_stats(counter_grad) -> AdjointStats:
-    """Decode the gradient of an :func:`adjoint_counter` (``counter.grad`` in torch, the
-    counter's entry of ``jax.grad`` in JAX) into :class:`AdjointStats`. ``None`` (torch:
-    no backward pass reached the counter) gives all zeros."""
+    """Decode the gradient of an :func:`adjoint_counter`.
+
+    :param counter_grad: ``counter.grad`` in torch, the counter's entry of ``jax.grad`` in
+        JAX; ``None`` (torch: no backward pass reached the counter) gives all zeros.
+    :returns: the summed :class:`AdjointStats`.
+    :raises ValueError: an array that is not the gradient of a counter (wrong shape).
+    """
     if counter_grad is None:
         return AdjointStats(0, 0, 0, 0, 0)
     values = np.asarray(get_backend(None, like=counter_grad).to_numpy(counter_grad), dtype=np.float64).reshape(-1)
@@ -116,167 +197,192 @@ def adjoint_stats(counter_grad) -> AdjointStats:
 # the custom VJP
 
 
-def _is_floating(backend, xp, x) -> bool:
-    return backend.owns(x) and xp.isdtype(x.dtype, "real floating")
+def adjoint_integrate(func: Callable, leaves, treedef, ts, args, settings: LoopSettings, gradient: Adjoint, *,
+                      throw: bool) -> LoopResult:
+    """:func:`~otflow.ode.loop.integrate` with the adjoint method as its reverse-mode rule.
 
-
-def adjoint_solve(func, leaves, treedef, ts, args, counter, *, solver, backend, rtol, atol, step_size, counts,
-                  max_steps, norm, controller, dt_min, loop_kind, adjoint_rtol, adjoint_atol, seminorm, throw,
-                  solve_flat):
-    """The solve of :func:`otflow.odeint` with the adjoint method as its reverse-mode rule.
-
-    ``leaves``/``treedef``: the flat initial state; ``args``: the user's tree (array leaves
-    are differentiated, other leaves are constants); ``counter``: the dummy argument
-    (an :func:`adjoint_counter` or a fresh zero array). ``solve_flat`` is
-    ``otflow._integrate._solve_flat`` (passed in to avoid an import cycle). Returns
-    ``(ys_leaves, stats, status, t_final)`` like ``_solve_flat``.
+    :param func: the user's ``func(t, y, args)``.
+    :param leaves: the flat initial state; ``treedef`` its structure.
+    :param ts: the output times (differentiable).
+    :param args: the user's tree: array leaves are differentiated, other leaves are constants.
+    :param settings: the forward solve's settings (the backward solve derives its own).
+    :param gradient: the backward solve's options; tolerances ``None`` take the forward ones.
+    :param throw: raise a :class:`~otflow.SolverError` from the backward pass when its
+        solve fails and its status can be read; otherwise the gradients are NaN.
+    :returns: the forward solve's :class:`~otflow.ode.loop.LoopResult` (its statistics are
+        the loop's: adaptive counts pass through the custom VJP, fixed-step counts are static).
     """
-    xp = backend.namespace()
-    sg = backend.stop_gradient
-    dtype = leaves[0].dtype
-    n_y = len(leaves)
+    backend = settings.backend
+    counter = gradient.counter
+    if counter is None:
+        counter = backend.namespace().zeros((len(COUNTER_FIELDS),), dtype=leaves[0].dtype,
+                                            device=backend.device_of(leaves[0]))
+    solve = _AdjointSolve(func, treedef, args, settings, gradient, throw, counter.dtype)
+    fn = backend.custom_vjp(solve.primal, solve.fwd, solve.bwd)
+    result = fn(tuple(leaves), ts, solve.dynamic_args(args), counter)
+    if result.stats is None:
+        result = result._replace(stats=fixed_step_stats(settings.solver, settings.steps_per_interval))
+    return result
 
-    arg_leaves, arg_def = backend.tree_flatten(args)
-    is_dyn = [backend.owns(x) for x in arg_leaves]
-    static = [None if d else x for x, d in zip(arg_leaves, is_dyn)]
-    dyn0 = tuple(x for x, d in zip(arg_leaves, is_dyn) if d)
-    is_diff = [_is_floating(backend, xp, x) for x in dyn0]
 
-    def assemble(dyn):
+class _AdjointSolve:
+    """The three functions of the custom VJP (``primal``, ``fwd``, ``bwd``) of one solve.
+
+    Holds only static data (settings, tree structures, the non-array leaves of ``args``);
+    arrays arrive as arguments, so JAX sees no closed-over tracers.
+    """
+
+    def __init__(self, func, treedef, args, settings: LoopSettings, gradient: Adjoint, throw: bool, counter_dtype):
+        self.func, self.treedef, self.settings, self.throw = func, treedef, settings, throw
+        self.counter_dtype = counter_dtype
+        self.backend = b = settings.backend
+        self.xp = b.namespace()
+        self.sg = b.stop_gradient
+        arg_leaves, self.arg_def = b.tree_flatten(args)
+        self.is_dyn = [b.owns(x) for x in arg_leaves]
+        self.static = [None if d else x for x, d in zip(arg_leaves, self.is_dyn)]
+        self.is_diff = [self.xp.isdtype(x.dtype, "real floating") for x, d in zip(arg_leaves, self.is_dyn) if d]
+        self.rhs = FlatRHS(func, treedef, b)
+        self.seminorm = gradient.seminorm
+        solver = settings.solver
+        self.state_norm = resolve_norm(settings.norm, treedef, b.tree_unflatten) if solver.adaptive else None
+        norm = settings.norm
+        self.param_norm = ErrorNorm(norm.kind if isinstance(norm, ErrorNorm) else norm if isinstance(norm, str)
+                                    else "rms")
+        self.backward_settings = dataclasses.replace(
+            settings, rtol=settings.rtol if gradient.rtol is None else gradient.rtol,
+            atol=settings.atol if gradient.atol is None else gradient.atol, step_size=None,
+            norm=self.augmented_error_norm if solver.adaptive else None, loop_kind="forward")
+
+    # ---- arguments ------------------------------------------------------------------------
+    def dynamic_args(self, args) -> tuple:
+        """The array leaves of ``args`` (the custom VJP's differentiable argument)."""
+        leaves, _ = self.backend.tree_flatten(args)
+        return tuple(x for x, d in zip(leaves, self.is_dyn) if d)
+
+    def assemble(self, dyn):
+        """``args`` rebuilt from its array leaves ``dyn`` and the static leaves."""
         it = iter(dyn)
-        return backend.tree_unflatten(arg_def, [next(it) if d else s for d, s in zip(is_dyn, static)])
+        leaves = [next(it) if d else s for d, s in zip(self.is_dyn, self.static)]
+        return self.backend.tree_unflatten(self.arg_def, leaves)
 
-    def with_diff(dyn, diff):
+    def with_diff(self, dyn, diff):
+        """``dyn`` with its floating leaves replaced by ``diff``."""
         it = iter(diff)
-        return tuple(next(it) if d else x for x, d in zip(dyn, is_diff))
+        return tuple(next(it) if d else x for x, d in zip(dyn, self.is_diff))
 
-    def f_flat(t, y, a):
-        out = func(t, backend.tree_unflatten(treedef, list(y)), a)
-        return tuple(backend.tree_flatten(out)[0])
+    # ---- forward ----------------------------------------------------------------------------
+    def primal(self, y0, ts, dyn, counter) -> LoopResult:
+        result = integrate(self.func, list(y0), self.treedef, ts, self.assemble(dyn), self.settings)
+        # fixed-step counts are static Python ints, which a custom VJP cannot return: the
+        # caller takes them from the settings (fixed_step_stats)
+        return result if self.settings.solver.adaptive else result._replace(stats=None)
 
-    fwd_kw = dict(solver=solver, backend=backend, rtol=rtol, atol=atol, step_size=step_size, counts=counts,
-                  max_steps=max_steps, norm=norm, controller=controller, dt_min=dt_min, loop_kind=loop_kind)
-
-    def int_array(v):
-        return xp.asarray(v, dtype=xp.int32, device=backend.device_of(leaves[0]))
-
-    def forward(y0, ts, dyn, counter):
-        ys, stats, status, t_final = solve_flat(func, list(y0), treedef, ts, assemble(dyn), **fwd_kw)
-        packed = (int_array(stats.nfe), int_array(stats.n_steps), int_array(stats.n_accepted),
-                  int_array(stats.n_rejected))
-        return (tuple(ys), t_final, status, packed)
-
-    def fwd(y0, ts, dyn, counter):
-        out = forward(sg(tuple(y0)), sg(ts), sg(tuple(dyn)), counter)
+    def fwd(self, y0, ts, dyn, counter):
+        out = self.primal(self.sg(tuple(y0)), self.sg(ts), self.sg(tuple(dyn)), counter)
         # the inputs themselves as residuals (torch then saves them by reference, not as copies)
-        return out, (ts, out[0], tuple(dyn))
+        return out, (ts, out.ys, tuple(dyn))
 
-    # ---- the backward pass ------------------------------------------------------------------
-    fwd_norm = resolve_norm(norm, treedef, backend.tree_unflatten) if solver.adaptive else None
-    g_norm = ErrorNorm(norm.kind if isinstance(norm, ErrorNorm) else norm if isinstance(norm, str) else "rms")
-
-    def bwd_norm(tree):
+    # ---- backward ---------------------------------------------------------------------------
+    def augmented_error_norm(self, tree):
+        """The backward solve's error norm of the scaled error of ``(y, a, g)``."""
+        xp = self.xp
         y, a, g = tree
-        value = xp.maximum(fwd_norm(list(y), xp), fwd_norm(list(a), xp))
-        if not seminorm and len(g):
-            value = xp.maximum(value, g_norm.on_leaves(list(g), xp))
+        value = xp.maximum(self.state_norm(list(y), xp), self.state_norm(list(a), xp))
+        if not self.seminorm and len(g):
+            value = xp.maximum(value, self.param_norm.on_leaves(list(g), xp))
         return value
 
-    def aug_func(t, state, dyn):
+    def augmented_rhs(self, t, state, dyn):
+        """``(f, −aᵀ∂f/∂y, −aᵀ∂f/∂θ)``: one ``func`` evaluation and one VJP."""
+        xp = self.xp
         y, a, _ = state
-        diff = tuple(x for x, d in zip(dyn, is_diff) if d)
+        diff = tuple(x for x, d in zip(dyn, self.is_diff) if d)
 
-        def fy(y_, p_):
-            return f_flat(t, y_, assemble(with_diff(dyn, p_)))
+        def f_of(y_, p_):
+            return self.rhs(t, y_, self.assemble(self.with_diff(dyn, p_)))
 
-        fy_val, vjp_fn = backend.vjp(fy, tuple(y), diff)
+        f_value, vjp_fn = self.backend.vjp(f_of, tuple(y), diff)
         a_y, a_p = vjp_fn(tuple(a))
-        out = (tuple(fy_val), tuple(-v for v in a_y), tuple(-xp.astype(v, dtype) for v in a_p))
+        dtype = y[0].dtype
+        out = (tuple(f_value), tuple(-v for v in a_y), tuple(-xp.astype(v, dtype) for v in a_p))
         # a plain array tree out: no graph survives between evaluations (torch's backward
         # runs with grad mode on), so the backward solve's memory stays flat
-        return sg(out)
+        return self.sg(out)
 
-    bwd_kw = dict(solver=solver, backend=backend, rtol=adjoint_rtol, atol=adjoint_atol, step_size=None,
-                  max_steps=max_steps, norm=bwd_norm if solver.adaptive else None, controller=controller,
-                  dt_min=dt_min, loop_kind="forward")
-
-    def dot(u, v):
+    def dot(self, u, v):
         total = None
         for x, w in zip(u, v):
-            s = xp.sum(x * w)
+            s = self.xp.sum(x * w)
             total = s if total is None else total + s
         return total
 
-    def bwd(residuals, out_ct):
-        ts, ys, dyn = sg(residuals)
-        ct_ys = tuple(xp.zeros_like(y) if c is None else xp.astype(sg(c), y.dtype) for c, y in zip(out_ct[0], ys))
-        n_int = ts.shape[0] - 1
+    def backward_interval(self, carry, x, *, dyn, steps):
+        """Integrate the augmented system over one output interval, from ``t_hi`` down to ``t_lo``.
 
-        def interval(carry, x, count):
-            """Integrate the augmented system over one output interval, from t_hi down to t_lo."""
-            a_int, g, stats = carry
-            t_hi, t_lo, y_hi, ct_hi = x
-            dt_hi = dot(ct_hi, f_flat(t_hi, y_hi, assemble(dyn)))
-            a = tuple(u + c for u, c in zip(a_int, ct_hi))
-            aug_leaves, aug_def = backend.tree_flatten((tuple(y_hi), a, tuple(g)))
-            pair = xp.stack([t_hi, t_lo])
-            out, st, status, _ = solve_flat(aug_func, aug_leaves, aug_def, pair, dyn,
-                                            counts=None if count is None else [count], **bwd_kw)
-            end = [leaf[-1, ...] for leaf in out]
-            a_new, g_new = tuple(end[n_y:2 * n_y]), tuple(end[2 * n_y:])
-            failed = xp.astype(status != int(Status.SUCCESS), xp.int32)
-            stats = (stats[0] + st.nfe, stats[1] + st.n_steps, stats[2] + st.n_accepted, stats[3] + st.n_rejected,
-                     xp.maximum(stats[4], failed), xp.maximum(stats[5], status))
-            return (a_new, g_new, stats), dt_hi
+        ``carry``: ``(a, g, counts)`` with ``counts`` = (nfe, steps, accepted, rejected, failed,
+        worst status); ``x``: ``(t_hi, t_lo, y_hi, ∂L/∂y_hi)``; ``dyn``: the array leaves of
+        ``args``; ``steps``: the forward solve's step count in this interval (fixed-step
+        methods) or ``None``. Returns the new carry and ``∂L/∂t_hi``.
+        """
+        xp = self.xp
+        a_int, g, counts = carry
+        t_hi, t_lo, y_hi, ct_hi = x
+        dt_hi = self.dot(ct_hi, self.rhs(t_hi, y_hi, self.assemble(dyn)))
+        a = tuple(u + c for u, c in zip(a_int, ct_hi))
+        aug_leaves, aug_def = self.backend.tree_flatten((tuple(y_hi), a, tuple(g)))
+        settings = self.backward_settings
+        if steps is not None:
+            settings = dataclasses.replace(settings, steps_per_interval=(steps,))
+        out = integrate(self.augmented_rhs, aug_leaves, aug_def, xp.stack([t_hi, t_lo]), dyn, settings)
+        n_y = len(y_hi)
+        end = [leaf[-1, ...] for leaf in out.ys]
+        failed = xp.astype(out.status != int(Status.SUCCESS), xp.int32)
+        st = out.stats
+        counts = (counts[0] + st.nfe, counts[1] + st.n_steps, counts[2] + st.n_accepted, counts[3] + st.n_rejected,
+                  xp.maximum(counts[4], failed), xp.maximum(counts[5], out.status))
+        return (tuple(end[n_y:2 * n_y]), tuple(end[2 * n_y:]), counts), dt_hi
 
-        device = backend.device_of(ys[0])
+    def bwd(self, residuals, out_ct: LoopResult):
+        """The cotangents of ``(y0, ts, dyn, counter)``; the counter's is the backward counts."""
+        xp, b, settings = self.xp, self.backend, self.settings
+        ts, ys, dyn = self.sg(residuals)
+        ct_ys = tuple(xp.zeros_like(y) if c is None else xp.astype(self.sg(c), y.dtype) for c, y in zip(out_ct.ys, ys))
+        device = b.device_of(ys[0])
         zero_i = xp.asarray(0, dtype=xp.int32, device=device)
-        diff0 = [x for x, d in zip(dyn, is_diff) if d]
+        diff0 = [x for x, d in zip(dyn, self.is_diff) if d]
         carry = (tuple(xp.zeros_like(y[0, ...]) for y in ys),
-                 tuple(xp.zeros(x.shape, dtype=dtype, device=device) for x in diff0),
+                 tuple(xp.zeros(x.shape, dtype=ys[0].dtype, device=device) for x in diff0),
                  (zero_i,) * 6)
-        if solver.adaptive:
+        if settings.solver.adaptive:
             xs = (xp.flip(ts[1:], axis=0), xp.flip(ts[:-1], axis=0),
                   tuple(xp.flip(y[1:, ...], axis=0) for y in ys), tuple(xp.flip(c[1:, ...], axis=0) for c in ct_ys))
-            carry, dts = backend.scan(lambda c, x: interval(c, x, None), carry, xs)
+            carry, dts = b.scan(functools.partial(self.backward_interval, dyn=dyn, steps=None), carry, xs)
             dts = xp.flip(dts, axis=0)
         else:
-            per = counts * n_int if len(counts) == 1 else counts
             dts = []
-            for i in range(n_int, 0, -1):
+            for i in range(len(settings.steps_per_interval), 0, -1):
                 x = (ts[i], ts[i - 1], tuple(y[i, ...] for y in ys), tuple(c[i, ...] for c in ct_ys))
-                carry, dt_i = interval(carry, x, per[i - 1])
+                carry, dt_i = self.backward_interval(carry, x, dyn=dyn, steps=settings.steps_per_interval[i - 1])
                 dts.append(dt_i)
             dts = xp.stack(dts[::-1])
-        a_int, g, stats = carry
-        ct0 = tuple(c[0, ...] for c in ct_ys)
-        y0 = tuple(y[0, ...] for y in ys)
-        dt0 = -dot(a_int, f_flat(ts[0], y0, assemble(dyn)))
+        a_int, g, counts = carry
+        dt0 = -self.dot(a_int, self.rhs(ts[0], tuple(y[0, ...] for y in ys), self.assemble(dyn)))
         ts_ct = xp.concat([xp.reshape(dt0, (1,)), xp.astype(dts, dt0.dtype)], axis=0)
-        y0_ct = tuple(u + c for u, c in zip(a_int, ct0))
-
-        failed, status = stats[4], stats[5]
-        if throw and backend.is_concrete(status) and int(backend.to_numpy(status)) != int(Status.SUCCESS):
-            _raise_backward_failure(backend, Status(int(backend.to_numpy(status))), ts, max_steps)
+        y0_ct = tuple(u + c[0, ...] for u, c in zip(a_int, ct_ys))
+        failed, status = counts[4], counts[5]
+        if self.throw and b.is_concrete(status) and int(b.to_numpy(status)) != int(Status.SUCCESS):
+            _raise_backward_failure(b, Status(int(b.to_numpy(status))), ts, settings.max_steps)
         ok = failed == 0
 
         def nan_if_failed(v):
             return xp.where(ok, v, xp.full_like(v, float("nan")))
 
-        y0_ct = tuple(nan_if_failed(v) for v in y0_ct)
-        ts_ct = nan_if_failed(ts_ct)
         g_it = iter(g)
-        dyn_ct = tuple(xp.astype(nan_if_failed(next(g_it)), x.dtype) if d else None for x, d in zip(dyn, is_diff))
-        counts_out = xp.stack([xp.astype(s, counter.dtype) for s in stats[:4]]
-                              + [xp.astype(failed, counter.dtype)])
-        return (y0_ct, xp.astype(ts_ct, ts.dtype), dyn_ct, counts_out)
-
-    def primal(y0, ts, dyn, counter):
-        return forward(y0, ts, dyn, counter)
-
-    fn = backend.custom_vjp(primal, fwd, bwd)
-    ys, t_final, status, packed = fn(tuple(leaves), ts, dyn0, counter)
-    return ys, packed, status, t_final
+        dyn_ct = tuple(xp.astype(nan_if_failed(next(g_it)), x.dtype) if d else None for x, d in zip(dyn, self.is_diff))
+        counts_ct = xp.stack([xp.astype(c, self.counter_dtype) for c in counts[:4]]
+                             + [xp.astype(failed, self.counter_dtype)])
+        return (tuple(nan_if_failed(v) for v in y0_ct), xp.astype(nan_if_failed(ts_ct), ts.dtype), dyn_ct, counts_ct)
 
 
 def _raise_backward_failure(backend, status: Status, ts, max_steps) -> None:
@@ -284,6 +390,6 @@ def _raise_backward_failure(backend, status: Status, ts, max_steps) -> None:
     t = backend.to_numpy(ts)
     raise cls(
         f"gradient='adjoint': the backward (adjoint) solve from t={t[-1]:g} to t={t[0]:g} failed with "
-        f"{status.name} (max_steps={max_steps}). Remedies: loosen adjoint_rtol/adjoint_atol, raise max_steps, "
-        "keep adjoint_seminorm=True, or use gradient='direct'.")
-
+        f"{status.name} (max_steps={max_steps}). Remedies: loosen its tolerances "
+        "(gradient=otflow.Adjoint(rtol=..., atol=...)), raise max_steps, keep Adjoint(seminorm=True), "
+        "or use gradient='direct'.")

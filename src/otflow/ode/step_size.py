@@ -7,29 +7,32 @@ finite values and finite gradients.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 from ..base.options import unknown_option_message
 
-__all__ = ["ErrorNorm", "PIController", "initial_step_size", "resolve_norm"]
+__all__ = ["ErrorNorm", "PIController", "check_tolerance", "initial_step_size", "resolve_norm"]
 
 NORM_KINDS = ("rms", "max", "leaf_rms_max")
 
 
 @dataclass(frozen=True)
 class ErrorNorm:
-    """The norm of the scaled error ``e / (atol + rtol·max(|y₀|, |y₁|))``.
+    """The norm of the scaled error ``e / (atol + rtol·max(|y₀|, |y₁|))`` (Hairer, Nørsett &
+    Wanner, *Solving ODEs I*, §II.4).
 
-    ``kind``: ``"rms"`` — root mean square over every element of the selected
-    leaves (scipy's and torchdiffeq's default); ``"max"`` — largest absolute
-    element; ``"leaf_rms_max"`` — largest of the per-leaf RMS values (what the
-    FFJORD/RNODE code does with its tuple states).
-
-    ``mask``: one bool per leaf of the state (in tree-flattening order); leaves
-    marked ``False`` are left out of error control. The CNF's regularizer
-    integrals are masked out this way: they are integrated, but they never
-    shrink the step.
+    :param kind: ``"rms"`` — root mean square over every element of the selected leaves
+        (scipy's and torchdiffeq's default); ``"max"`` — largest absolute element;
+        ``"leaf_rms_max"`` — largest of the per-leaf RMS values (what the FFJORD/RNODE
+        code does with its tuple states).
+    :param mask: one bool per leaf of the state (in tree-flattening order); leaves marked
+        ``False`` are left out of error control. The CNF's regularizer integrals are
+        masked out this way (RNODE, Finlay et al., ICML 2020): they are integrated, but
+        they never shrink the step.
+    :raises ValueError: an unknown kind (the nearest is suggested), or a mask leaving
+        every leaf out.
     """
 
     kind: str = "rms"
@@ -44,6 +47,10 @@ class ErrorNorm:
                 raise ValueError("ErrorNorm: the mask leaves every state component out of error control")
 
     def on_leaves(self, leaves: Sequence, xp):
+        """The norm of the scaled-error leaves (a 0-d array of namespace ``xp``).
+
+        :raises ValueError: the mask's length differs from the number of leaves.
+        """
         if self.mask is not None:
             if len(self.mask) != len(leaves):
                 raise ValueError(f"ErrorNorm: mask has {len(self.mask)} entries but the state has {len(leaves)} leaves")
@@ -55,6 +62,23 @@ class ErrorNorm:
         total = _reduce(lambda a, b: a + b, [xp.sum(x * x) for x in leaves])
         count = sum(_size(x) for x in leaves)
         return xp.sqrt(total / count)
+
+
+def check_tolerance(name: str, value) -> float:
+    """``value`` as a float, refused unless finite and non-negative (``name`` names it in the error).
+
+    :raises TypeError: ``value`` is not a number.
+    :raises ValueError: ``value`` is negative, NaN or infinite.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a non-negative float, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a non-negative float, got {value!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+    return v
 
 
 def _reduce(op, values):
@@ -72,8 +96,15 @@ def _size(x) -> int:
 
 
 def resolve_norm(norm, treedef, unflatten):
-    """A function of a list of leaves (and ``xp``) from ``norm=``: None, a kind name, an
-    :class:`ErrorNorm`, or a callable of the scaled-error tree returning a 0-d array."""
+    """The error norm as a function of a list of leaves and ``xp``.
+
+    :param norm: ``odeint``'s ``norm=``: None, a kind name, an :class:`ErrorNorm`, or a
+        callable of the scaled-error tree returning a 0-d array.
+    :param treedef: the state's tree structure (a callable receives the tree).
+    :param unflatten: the backend's ``tree_unflatten``.
+    :raises ValueError: an unknown kind name.
+    :raises TypeError: anything else.
+    """
     if norm is None:
         norm = ErrorNorm()
     elif isinstance(norm, str):
@@ -96,6 +127,13 @@ class PIController:
     scipy's ``solve_ivp``; Hairer's PI choice is ``p_coeff ≈ 0.4``, ``i_coeff ≈ 0.3``.
     After a rejected step the next accepted step may not grow (``factor ≤ 1``), as in
     scipy. A non-finite error estimate rejects the step and shrinks it by ``min_factor``.
+
+    :param safety: the safety factor, in (0, 1].
+    :param min_factor: the smallest step multiplier, in (0, 1).
+    :param max_factor: the largest step multiplier, above 1.
+    :param i_coeff: the integral gain.
+    :param p_coeff: the proportional gain.
+    :raises ValueError: a value outside its range.
     """
 
     safety: float = 0.9
@@ -114,7 +152,16 @@ class PIController:
             raise ValueError("PIController: i_coeff + p_coeff must be positive")
 
     def factor(self, xp, err, err_prev, accepted, rejected_before, error_order: int):
-        """The step multiplier for the next step (all inputs already gradient-stopped)."""
+        """The step multiplier for the next step (all inputs already gradient-stopped).
+
+        :param xp: the array namespace.
+        :param err: the scaled error norm of this step.
+        :param err_prev: that of the last accepted step (floored at 1e-4).
+        :param accepted: whether this step is accepted.
+        :param rejected_before: whether the previous attempt was rejected.
+        :param error_order: the order of the embedded solution.
+        :returns: a 0-d array.
+        """
         k = error_order + 1
         alpha = (self.i_coeff + self.p_coeff) / k
         beta = self.p_coeff / k
@@ -134,11 +181,16 @@ class PIController:
 
 
 def initial_step_size(xp, f, t0, y0, f0, args, direction, span, rtol, atol, norm_leaves, order):
-    """Hairer, Nørsett & Wanner, *Solving ODEs I*, §II.4 (the "starting step size"
-    algorithm, as in scipy's ``select_initial_step``); one extra evaluation of ``f``.
+    """The first step of an adaptive solve: Hairer, Nørsett & Wanner, *Solving ODEs I*,
+    §II.4 (the "starting step size" algorithm, as in scipy's ``select_initial_step``); one
+    extra evaluation of ``f``. All inputs are gradient-stopped by the caller.
 
-    All inputs are gradient-stopped by the caller; the result is a positive 0-d array no
-    larger than ``span`` (the length of the first output interval).
+    :param f: the flat right-hand side; ``f0 = f(t0, y0, args)``.
+    :param direction: +1 or −1 (a 0-d array), the direction of integration.
+    :param span: the length of the first output interval, the largest step returned.
+    :param norm_leaves: the error norm (from :func:`resolve_norm`).
+    :param order: the order of the embedded solution.
+    :returns: a positive 0-d array no larger than ``span``.
     """
     scale = [atol + xp.abs(y) * rtol for y in y0]
     d0 = norm_leaves([y / s for y, s in zip(y0, scale)], xp)

@@ -11,16 +11,22 @@ _TOL = 1e-14
 
 @dataclass(frozen=True)
 class ButcherTableau:
-    """An explicit Runge–Kutta tableau.
-
-    ``c`` are the nodes, ``a`` the strictly lower-triangular rows (``a[i]`` has
-    ``i`` entries: the weights of stages ``0..i-1`` in stage ``i``), ``b`` the
-    solution weights, ``b_error`` the weights of the error estimate (solution
-    minus embedded solution) or ``None`` for fixed-step methods.
+    """An explicit Runge–Kutta tableau (Butcher 1963; Hairer, Nørsett & Wanner, *Solving ODEs I*, §II.1).
 
     Checked on construction: ``c[0] == 0``, each row of ``a`` sums to its node,
-    ``sum(b) == 1``, ``sum(b_error) == 0``. ``fsal`` (first same as last) is
-    derived: the last stage is evaluated at ``(t + h, y_{n+1})``.
+    ``sum(b) == 1``, ``sum(b_error) == 0``. ``fsal`` (first same as last) is derived:
+    the last stage is evaluated at ``(t + h, y₁)``, so it is the next step's first stage.
+    Build one from exact rationals with :meth:`from_fractions`.
+
+    :param c: the nodes.
+    :param a: the strictly lower-triangular rows: ``a[i]`` has ``i`` entries, the weights
+        of stages ``0..i-1`` in stage ``i``.
+    :param b: the weights of the propagated solution.
+    :param order: the order of the propagated solution.
+    :param b_error: the weights of the error estimate (propagated minus embedded
+        solution), or ``None`` for a fixed-step method.
+    :param error_order: the order of the embedded solution (required with ``b_error``).
+    :raises ValueError: the tableau is inconsistent (the message names the row or weights).
     """
 
     c: tuple[float, ...]
@@ -56,15 +62,22 @@ class ButcherTableau:
 
     @property
     def n_stages(self) -> int:
+        """The number of stages."""
         return len(self.c)
 
     @property
     def adaptive(self) -> bool:
+        """Whether the tableau has error weights (an embedded pair for step-size control)."""
         return self.b_error is not None
 
     @classmethod
     def from_fractions(cls, c, a, b, order, b_error=None, error_order=None) -> "ButcherTableau":
-        """Build from exact rationals (strings or Fractions), checked exactly, stored as floats."""
+        """Build from exact rationals (strings such as ``"1/3"``, ints or Fractions), checked
+        exactly, stored as floats. The parameters are those of the class.
+
+        :raises ValueError: a row of ``a`` does not sum to its node, ``b`` not to 1, or
+            ``b_error`` not to 0 (exactly).
+        """
         fc = [Fraction(x) for x in c]
         fa = [[Fraction(x) for x in row] for row in a]
         fb = [Fraction(x) for x in b]
