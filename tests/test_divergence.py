@@ -131,7 +131,9 @@ def test_exact_divergence_linear(autodiff_backend, device, method):
     a = _random_matrix(D, seed=1)
     x = _x(be, device, (B, D), seed=2)
     for chunk in (None, 4, 6, 9):
-        v, div = exact_divergence(be, _linear(be, a, device), x, method=method, chunk_size=chunk)
+        est = exact_divergence(_linear(be, a, device), x, backend=be, method=method, chunk_size=chunk)
+        v, div = est.velocity, est.mean
+        assert (est.estimator, est.n_probes, est.variance) == ("exact", D, None)
         np.testing.assert_allclose(_np(be, div), np.full(B, np.trace(a)), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(_np(be, v), _np(be, x) @ a.T, rtol=1e-12, atol=1e-12)
 
@@ -145,7 +147,8 @@ def test_exact_divergence_image_mlp_matches_full_jacobian(autodiff_backend, devi
     expected = np.trace(jac, axis1=1, axis2=2)
     for method in EXACT_METHODS:
         for chunk in (None, 4, 18):
-            v, div = exact_divergence(be, fn, x, method=method, chunk_size=chunk)
+            est = exact_divergence(fn, x, backend=be, method=method, chunk_size=chunk)
+            v, div = est.velocity, est.mean
             assert tuple(div.shape) == (B,)
             assert tuple(v.shape) == (B, *IMAGE)
             np.testing.assert_allclose(_np(be, div), expected, rtol=1e-12, atol=1e-12,
@@ -160,15 +163,15 @@ def test_exact_divergence_refuses_backends_without_autodiff():
     be = otflow.get_backend("numpy")
     x = np.zeros((2, 3))
     with pytest.raises(CapabilityError, match="automatic differentiation"):
-        exact_divergence(be, lambda x: 2 * x, x)
+        exact_divergence(lambda x: 2 * x, x, backend=be)
     with pytest.raises(CapabilityError, match="automatic differentiation"):
-        hutchinson_divergence(be, lambda x: 2 * x, x, be.key(0), n_probes=2)
+        hutchinson_divergence(lambda x: 2 * x, x, be.key(0), backend=be, n_probes=2)
 
 
 def test_exact_divergence_unknown_method(autodiff_backend, device):
     be = autodiff_backend
     with pytest.raises(ValueError, match="Did you mean 'jvp'"):
-        exact_divergence(be, lambda x: x, _x(be, device, (B, D), 0), method="jvpp")
+        exact_divergence(lambda x: x, _x(be, device, (B, D), 0), backend=be, method="jvpp")
 
 
 # ---- probe_vjp ------------------------------------------------------------------------------
@@ -177,7 +180,7 @@ def test_probe_vjp_is_eps_transpose_jacobian(autodiff_backend, device):
     fn = _mlp(be, device, IMAGE, seed=5)
     x = _x(be, device, (B, *IMAGE), seed=6)
     eps = be.normal(be.key(7), (B, *IMAGE), dtype=_f64(be), device=device)
-    v, div, eps_jac = probe_vjp(be, fn, x, eps)
+    v, div, eps_jac = probe_vjp(fn, x, eps, backend=be)
     jac = _jacobians(be, fn, x)
     e = _np(be, eps).reshape(B, -1)
     np.testing.assert_allclose(_np(be, eps_jac).reshape(B, -1), np.einsum("ij,ijk->ik", e, jac), rtol=1e-12, atol=1e-12)
@@ -196,7 +199,7 @@ def test_probe_vjp_composes_with_an_outer_reverse_pass(autodiff_backend, device)
     eps = be.normal(be.key(10), (B, D), dtype=_f64(be), device=device)
 
     def loss(a_):
-        _, div, eps_jac = probe_vjp(be, lambda y: y @ xp.matrix_transpose(a_), x, eps)
+        _, div, eps_jac = probe_vjp(lambda y: y @ xp.matrix_transpose(a_), x, eps, backend=be)
         return xp.sum(div) + xp.sum(eps_jac ** 2)
 
     value, grad = be.value_and_grad(loss)(_arr(be, a, device))
@@ -209,7 +212,7 @@ def test_probe_vjp_composes_with_an_outer_reverse_pass(autodiff_backend, device)
     fn = _mlp(be, device, (D,), seed=11)
 
     def loss_s(s):
-        _, div, eps_jac = probe_vjp(be, lambda y: fn(s * y), x, eps)
+        _, div, eps_jac = probe_vjp(lambda y: fn(s * y), x, eps, backend=be)
         return xp.sum(div) + xp.mean(eps_jac ** 2)
 
     _, g = be.value_and_grad(loss_s)(_arr(be, 1.3, device))
@@ -230,10 +233,10 @@ def test_estimators_compose_with_an_outer_reverse_pass(autodiff_backend, device)
     x = _x(be, device, (B, D), seed=34)
     key = be.key(35)
     estimators = {
-        "exact vjp": lambda f: exact_divergence(be, f, x, method="vjp")[1],
-        "exact jvp": lambda f: exact_divergence(be, f, x, method="jvp", chunk_size=4)[1],
-        "hutchinson": lambda f: hutchinson_divergence(be, f, x, key, n_probes=4)[1],
-        "hutch++": lambda f: hutchplusplus_divergence(be, f, x, key, n_matvecs=6)[1],
+        "exact vjp": lambda f: exact_divergence(f, x, backend=be, method="vjp").mean,
+        "exact jvp": lambda f: exact_divergence(f, x, backend=be, method="jvp", chunk_size=4).mean,
+        "hutchinson": lambda f: hutchinson_divergence(f, x, key, backend=be, n_probes=4).mean,
+        "hutch++": lambda f: hutchplusplus_divergence(f, x, key, backend=be, n_matvecs=6).mean,
     }
     for name, est in estimators.items():
         value, grad = be.value_and_grad(lambda s: xp.sum(est(lambda y: s * (y @ at))))(_arr(be, 1.0, device))
@@ -246,8 +249,8 @@ def test_hutchinson_linear_mean_and_variance(autodiff_backend, device, probe):
     be = autodiff_backend
     a = _random_matrix(D, seed=12)
     x = _x(be, device, (B, D), seed=13)
-    _, mean, var = hutchinson_divergence(be, _linear(be, a, device), x, be.key(14), n_probes=N_PROBES_VAR, probe=probe)
-    mean, var = _np(be, mean), _np(be, var)
+    est = hutchinson_divergence(_linear(be, a, device), x, be.key(14), backend=be, n_probes=N_PROBES_VAR, probe=probe)
+    mean, var = _np(be, est.mean), _np(be, est.variance)
     theory = _theory_var(a, probe)
     se = np.sqrt(theory / N_PROBES_VAR)
     assert np.all(np.abs(mean - np.trace(a)) <= 3 * se), (mean, np.trace(a), se)
@@ -259,10 +262,10 @@ def test_hutchinson_image_mlp_mean_and_variance(autodiff_backend, device, probe)
     be = autodiff_backend
     fn = _mlp(be, device, IMAGE, seed=15)
     x = _x(be, device, (B, *IMAGE), seed=16)
-    _, exact = exact_divergence(be, fn, x)
+    exact = exact_divergence(fn, x, backend=be).mean
     jac = _jacobians(be, fn, x)
-    _, mean, var = hutchinson_divergence(be, fn, x, be.key(17), n_probes=N_PROBES, probe=probe)
-    mean, var, exact = _np(be, mean), _np(be, var), _np(be, exact)
+    est = hutchinson_divergence(fn, x, be.key(17), backend=be, n_probes=N_PROBES, probe=probe)
+    mean, var, exact = _np(be, est.mean), _np(be, est.variance), _np(be, exact)
     theory = _theory_var(jac, probe)
     se = np.sqrt(var / N_PROBES)
     assert np.all(np.abs(mean - exact) <= 3 * se), (mean, exact, se)
@@ -275,13 +278,14 @@ def test_hutchinson_single_probe_is_probe_vjp(autodiff_backend, device):
     x = _x(be, device, (B, D), seed=19)
     key = be.key(20)
     for probe, draw in (("gaussian", be.normal), ("rademacher", be.rademacher)):
-        v, mean, var = hutchinson_divergence(be, fn, x, key, probe=probe)
-        assert var is None
+        est = hutchinson_divergence(fn, x, key, backend=be, probe=probe)
+        assert est.variance is None and est.n_probes == 1
         eps = draw(key, (B, D), dtype=_f64(be), device=device)
-        _, div, _ = probe_vjp(be, fn, x, eps)
-        np.testing.assert_allclose(_np(be, mean), _np(be, div), rtol=1e-14, atol=1e-14)
+        v, div, _ = probe_vjp(fn, x, eps, backend=be)
+        np.testing.assert_allclose(_np(be, est.mean), _np(be, div), rtol=1e-14, atol=1e-14)
+        np.testing.assert_array_equal(_np(be, est.velocity), _np(be, v))
     with pytest.raises(ValueError, match="Did you mean 'rademacher'"):
-        hutchinson_divergence(be, fn, x, key, probe="rademacer")
+        hutchinson_divergence(fn, x, key, backend=be, probe="rademacer")
 
 
 # ---- Hutch++ --------------------------------------------------------------------------------
@@ -294,10 +298,10 @@ def _repeated(be, device, fn, x0, kind, m, seed):
     """N_REPS independent single estimates at one point (tiled along the batch)."""
     x = _arr(be, np.tile(x0, (N_REPS, 1)), device)
     if kind == "hutch++":
-        _, est = hutchplusplus_divergence(be, fn, x, be.key(seed), n_matvecs=m)
+        est = hutchplusplus_divergence(fn, x, be.key(seed), backend=be, n_matvecs=m)
     else:
-        _, est, _ = hutchinson_divergence(be, fn, x, be.key(seed), n_probes=m)
-    return _np(be, est)
+        est = hutchinson_divergence(fn, x, be.key(seed), backend=be, n_probes=m)
+    return _np(be, est.mean)
 
 
 def test_hutchplusplus_unbiased_and_beats_hutchinson_on_decaying_spectrum(autodiff_backend, device, record_property):
@@ -324,11 +328,11 @@ def test_hutchplusplus_unbiased_on_image_mlp(autodiff_backend, device):
     be = autodiff_backend
     fn = _mlp(be, device, IMAGE, seed=24)
     x0 = np.random.default_rng(25).standard_normal((1, *IMAGE))
-    _, exact = exact_divergence(be, fn, _arr(be, x0, device))
+    exact = exact_divergence(fn, _arr(be, x0, device), backend=be).mean
     x = _arr(be, np.broadcast_to(x0, (N_REPS, *IMAGE)).copy(), device)
     # jitted: one graph compiles faster than its operations one by one, and runs the
     # estimator under jax.jit
-    f = be.jit(lambda x, k: hutchplusplus_divergence(be, fn, x, k, n_matvecs=12, probe="rademacher")[1])
+    f = be.jit(lambda x, k: hutchplusplus_divergence(fn, x, k, backend=be, n_matvecs=12, probe="rademacher").mean)
     est = _np(be, f(x, be.key(26)))
     se = est.std(ddof=1) / math.sqrt(N_REPS)
     assert abs(est.mean() - float(_np(be, exact)[0])) <= 3 * se
@@ -339,7 +343,7 @@ def test_hutchplusplus_needs_a_multiple_of_three(autodiff_backend, device):
     x = _x(be, device, (B, D), 0)
     for bad, hint in ((4, "3 or 6"), (2, "use 3")):
         with pytest.raises(ValueError, match=f"multiple of 3.*{hint}"):
-            hutchplusplus_divergence(be, lambda y: y, x, be.key(0), n_matvecs=bad)
+            hutchplusplus_divergence(lambda y: y, x, be.key(0), backend=be, n_matvecs=bad)
 
 
 def test_gram_schmidt_fallback_matches_qr(autodiff_backend, device):
@@ -390,8 +394,9 @@ def test_estimate_divergence_results(autodiff_backend, device):
     assert tuple(pp.mean.shape) == (B,) and tuple(pp.variance.shape) == (B,)
     np.testing.assert_allclose(_np(be, pp.mean), np.full(B, np.trace(a)), rtol=1e-10)
     np.testing.assert_allclose(_np(be, pp.variance), 0.0, atol=1e-20)
-    _, direct = hutchplusplus_divergence(be, fn, x, be.key(4), n_matvecs=18)
-    np.testing.assert_array_equal(_np(be, pp.mean), _np(be, direct))
+    direct = hutchplusplus_divergence(fn, x, be.key(4), backend=be, n_matvecs=18)
+    np.testing.assert_array_equal(_np(be, pp.mean), _np(be, direct.mean))
+    np.testing.assert_array_equal(_np(be, pp.variance), _np(be, direct.variance))
     assert DivergenceEstimate(pp.mean, None, 3, "hutch++").standard_error is None
 
 
@@ -437,7 +442,52 @@ def test_exact_loop_method_matches_the_vectorized_basis(autodiff_backend):
     params = field.init(b, b.key(0), dtype=b.namespace().float64)
     x = b.asarray(np.random.default_rng(0).normal(size=(5, 2, 3)))
     fn = lambda y: field.apply(params, b.asarray(0.3), y)  # noqa: E731
-    _, ref = exact_divergence(b, fn, x, method="vjp")
-    v, loop = exact_divergence(b, fn, x, method="loop")
-    np.testing.assert_allclose(b.to_numpy(loop), b.to_numpy(ref), rtol=1e-12, atol=1e-12)
-    assert tuple(v.shape) == (5, 2, 3)
+    ref = exact_divergence(fn, x, backend=b, method="vjp")
+    loop = exact_divergence(fn, x, backend=b, method="loop")
+    np.testing.assert_allclose(b.to_numpy(loop.mean), b.to_numpy(ref.mean), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b.to_numpy(loop.velocity), b.to_numpy(fn(x)), rtol=0, atol=0)
+
+
+# ---- one convention: backend keyword (or inferred), one result type -------------------------
+def test_every_estimator_returns_a_divergence_estimate_with_the_velocity(autodiff_backend, device):
+    """The three estimators return the same kind of result, each with ``v = fn(x)`` from
+    the same pass; with no ``backend=`` the backend is inferred from ``x``."""
+    be = autodiff_backend
+    a = _random_matrix(D, seed=40)
+    fn = _linear(be, a, device)
+    x = _x(be, device, (B, D), seed=41)
+    key = be.key(42)
+    results = {
+        "exact": exact_divergence(fn, x),
+        "hutchinson": hutchinson_divergence(fn, x, key, n_probes=3),
+        "hutch++": hutchplusplus_divergence(fn, x, key, n_matvecs=6),
+    }
+    expected_v = _np(be, x) @ a.T
+    for name, est in results.items():
+        assert isinstance(est, DivergenceEstimate) and est.estimator == name, name
+        np.testing.assert_allclose(_np(be, est.velocity), expected_v, rtol=1e-12, atol=1e-12, err_msg=name)
+        assert tuple(est.mean.shape) == (B,), name
+    assert [results[k].n_probes for k in results] == [D, 3, 6]
+    np.testing.assert_allclose(_np(be, results["exact"].mean), np.full(B, np.trace(a)), rtol=1e-12)
+    # the inferred backend gives the numbers of the named one
+    named = hutchinson_divergence(fn, x, key, backend=be.name, n_probes=3)
+    np.testing.assert_array_equal(_np(be, named.mean), _np(be, results["hutchinson"].mean))
+    np.testing.assert_array_equal(_np(be, named.variance), _np(be, results["hutchinson"].variance))
+
+
+def test_the_old_backend_first_form_names_the_new_one(autodiff_backend, device):
+    be = autodiff_backend
+    x = _x(be, device, (B, D), 0)
+    fn = lambda y: 2 * y  # noqa: E731
+    calls = {
+        r"probe_vjp\(fn, x, eps, \*, backend=None\)": lambda: probe_vjp(be, fn, x, x),
+        r"exact_divergence\(fn, x, \*, backend=None, method='auto', chunk_size=None\)":
+            lambda: exact_divergence(be, fn, x),
+        r"hutchinson_divergence\(fn, x, key, \*, backend=None, n_probes=1, probe='gaussian'\)":
+            lambda: hutchinson_divergence(be, fn, x, be.key(0), n_probes=2),
+        r"hutchplusplus_divergence\(fn, x, key, \*, backend=None, n_matvecs, probe='gaussian'\)":
+            lambda: hutchplusplus_divergence(be, fn, x, be.key(0), n_matvecs=3),
+    }
+    for form, call in calls.items():
+        with pytest.raises(TypeError, match=rf"takes the backend as a keyword.*{form}.*backend='{be.name}'"):
+            call()

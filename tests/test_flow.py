@@ -144,12 +144,138 @@ def test_trajectory_endpoints(autodiff_backend):
     np.testing.assert_allclose(traj[-1], flow.transform(x), atol=1e-8)
 
 
-def test_native_arrays_in_native_arrays_out(autodiff_backend):
+def test_output_setting_decides_the_array_type_of_every_method(autodiff_backend):
+    """One flow, one output type: ``"numpy"`` (default) or ``"native"``, whatever the input."""
     b = autodiff_backend
     flow = linear_flow(b)
-    x = b.asarray(_x(8))
-    out = flow.log_prob(x)
-    assert b.owns(out)
+    x_np, x_native = _x(8), b.asarray(_x(8))
+
+    def outputs(f, x):
+        return [f.log_prob(x), f.transform(x), f.inverse(x), f.sample(4), f.trajectory(x, [0.0, T])]
+
+    for x in (x_np, x_native):
+        assert all(isinstance(out, np.ndarray) for out in outputs(flow, x))
+        native = flow.with_output("native")
+        assert native.output == "native" and flow.output == "numpy"
+        results = outputs(native, x)
+        assert all(b.owns(out) for out in results)
+        np.testing.assert_array_equal(b.to_numpy(results[0]), flow.log_prob(x))
+    with pytest.raises(ValueError, match="unknown output 'nativ'. Did you mean 'native'"):
+        flow.with_output("nativ")
+    with pytest.raises(ValueError, match="Did you mean 'numpy'"):
+        Flow(flow.fields, flow.params, backend=b, output="nunpy")
+
+
+def test_sample_numpy_keyword_names_its_replacement(autodiff_backend):
+    flow = linear_flow(autodiff_backend)
+    with pytest.raises(TypeError, match=r"with_output\('native'\)\.sample\(n\)"):
+        flow.sample(4, numpy=False)
+
+
+def test_declared_attributes(autodiff_backend):
+    flow = linear_flow(autodiff_backend)
+    assert (flow.history, flow.fit_info, flow.last_nfe) == (None, None, None)
+    flow.transform(_x(4))
+    nfe = flow.last_nfe
+    assert isinstance(nfe, int) and nfe > 0
+    flow.log_prob(_x(40), batch_size=10)  # four chunks, each at least one dopri5 step
+    assert flow.last_nfe >= 4 * 7
+
+
+def test_with_parameters_installs_parameters_and_T(autodiff_backend):
+    b = autodiff_backend
+    flow = linear_flow(b)
+    params = b.asarray(np.ascontiguousarray(0.5 * A.T))
+    record = [{"it": 0, "loss": 1.0}]
+    moved = flow.with_parameters([params], T=0.3, history=record, fit_info={"iterations": 1})
+    assert moved.T == (0.3,) and moved.history is record and moved.fit_info == {"iterations": 1}
+    assert flow.T == (T,) and flow.history is None  # the original is unchanged
+    x = _x(16)
+    np.testing.assert_allclose(moved.transform(x), x @ scipy.linalg.expm(0.5 * A * 0.3).T, atol=1e-8)
+    fresh = Flow.from_velocity(flow.fields[0], params, backend=b, dtype="float64", T=0.3,
+                               eval_solver=flow.eval_solver)
+    np.testing.assert_array_equal(moved.log_prob(x), fresh.log_prob(x))
+    # T as a backend array (what a learnable log T gives) and one per block
+    assert flow.with_parameters([params], T=b.asarray(np.array([0.25]))).T == (0.25,)
+    with pytest.raises(ValueError, match="1 fields but 2 parameter trees"):
+        flow.with_parameters([params, params])
+    for bad in (-1.0, [0.1, 0.2], float("nan"), "x"):
+        with pytest.raises(ValueError, match="T must be a positive finite float"):
+            flow.with_parameters([params], T=bad)
+
+
+def test_from_velocity_rejects_misspelled_keywords(autodiff_backend):
+    with pytest.raises(TypeError, match="Did you mean 'eval_solver'"):
+        Flow.from_velocity(lambda t, x: -x, event_shape=(2,), backend=autodiff_backend, evalsolver=None)
+    with pytest.raises(ValueError, match="positive ints"):
+        Flow.from_velocity(lambda t, x: -x, event_shape=(0,), backend=autodiff_backend)
+    with pytest.raises(TypeError, match="cannot use a int as a velocity field"):
+        Flow.from_velocity(3, event_shape=(2,), backend=autodiff_backend)
+
+
+# ---- the evaluation solver: adaptivity from the solver object ---------------------------------
+class Dopri5Copy(otflow.ode.AbstractRungeKutta):
+    """A user's method with Dormand–Prince's tableau under another name."""
+
+    name = "my_dopri5"
+    tableau = otflow.Dopri5.tableau
+
+
+def test_eval_solver_method_may_be_a_name_in_any_case_or_a_solver_object(autodiff_backend):
+    """``Dopri5()``, ``"DOPRI5"`` and a user's adaptive tableau evaluate exactly as
+    ``"dopri5"`` (tolerances passed, the density's error norm applied). Before the fix the
+    others counted as fixed-step: their tolerances were dropped and the norm not set."""
+    flow = linear_flow(autodiff_backend, rtol=1e-6, atol=1e-6)
+    x = _x(32)
+    ref = flow.log_prob(x)
+    ref_nfe = flow.last_nfe
+    for method in ("DOPRI5", otflow.Dopri5(), Dopri5Copy()):
+        other = flow.with_eval_solver(method=method)
+        assert other.eval_solver.is_adaptive()
+        np.testing.assert_array_equal(other.log_prob(x), ref)
+        assert other.last_nfe == ref_nfe
+
+
+def test_fixed_step_eval_solver(autodiff_backend):
+    """A fixed-step method by step size: each block's [0, T] in ceil(T/step) equal steps, also
+    where compiled code sees T as an array (JAX)."""
+    b = autodiff_backend
+    flow = linear_flow(b).with_eval_solver(method="rk4", step_size=0.1, rtol=None, atol=None)
+    x = _x(8)
+    direct = otflow.odeint(lambda t, y, p: y @ p, b.asarray(x), [0.0, T], args=flow.params[0], method="rk4",
+                           step_size=0.1)
+    np.testing.assert_allclose(flow.transform(x), b.to_numpy(direct.ys[-1]), rtol=0, atol=1e-14)
+    assert flow.last_nfe == 4 * 7  # ceil(0.7 / 0.1) steps of 4 evaluations
+    np.testing.assert_allclose(flow.transform(x), x @ scipy.linalg.expm(A * T).T, atol=1e-5)
+
+
+def test_solver_options_validation():
+    with pytest.raises(ValueError, match=r"'rk4' is a fixed-step method: rtol do not apply; pass rtol=None"):
+        otflow.SolverOptions(method="rk4", rtol=1e-5, n_steps=4)
+    with pytest.raises(ValueError, match="exactly one of step_size= or n_steps="):
+        otflow.SolverOptions(method="euler")
+    with pytest.raises(ValueError, match="n_steps applies to fixed-step methods"):
+        otflow.SolverOptions(n_steps=4)
+    with pytest.raises(ValueError, match="Did you mean 'dopri5'"):
+        otflow.SolverOptions(method="dopri")
+    # files written when every method stored rtol = atol = 1e-5 still load
+    old = {"method": "rk4", "rtol": 1e-5, "atol": 1e-5, "step_size": None, "n_steps": 8, "max_steps": 4096}
+    assert otflow.SolverOptions.from_config(old) == otflow.SolverOptions(method="rk4", n_steps=8)
+
+
+def test_a_flow_with_a_user_method_cannot_be_saved(tmp_path):
+    b = otflow.get_backend("numpy")
+    field = MLP((2,), hidden=(4,), zero_last=False)
+    flow = Flow([field], [field.init(b, b.key(0), dtype=np.float64)], backend=b, dtype="float64")
+    flow = flow.with_eval_solver(**TIGHT)
+    with pytest.raises(ValueError, match=r"user-defined method Dopri5Copy .*with_eval_solver\(method='dopri5'\)"):
+        flow.with_eval_solver(method=Dopri5Copy()).save(tmp_path / "f.safetensors")
+    assert not (tmp_path / "f.safetensors").exists()
+    # a built-in method given as an object or in capitals is saved under its name
+    path = flow.with_eval_solver(method=otflow.Dopri5(), rtol=1e-7).save(tmp_path / "g.safetensors")
+    loaded = otflow.load(path, backend="numpy")
+    assert loaded.eval_solver == otflow.SolverOptions(method="dopri5", rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(loaded.transform(_x(4)), flow.transform(_x(4)), atol=1e-6)
 
 
 @pytest.mark.parametrize("bad,exc,match", [
@@ -193,6 +319,8 @@ def test_flow_validation():
         Flow([field], [params], backend=b, T=-1.0)
     with pytest.raises(ValueError, match="parameter trees"):
         Flow([field], [], backend=b)
+    with pytest.raises(TypeError, match="eval_solver must be an otflow.SolverOptions"):
+        Flow([field], [params], backend=b, eval_solver={"rtol": 1e-6})
     with pytest.raises(TypeError, match="Did you mean 'batch_size'"):
         Flow([field], [params], backend=b).transform(_x(2), batchsize=3)
     assert "Flow(blocks=1" in repr(Flow([field], [params], backend=b))

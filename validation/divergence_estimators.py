@@ -169,10 +169,11 @@ def _estimator(backend, fn: Callable, kind: str, m: int, probe: str) -> Callable
     """``f(x, key) -> (mean, var or None)`` for one estimator, jitted where the backend can."""
     if kind == "hutchinson":
         def f(x, key):
-            return hutchinson_divergence(backend, fn, x, key, n_probes=m, probe=probe)[1:]
+            est = hutchinson_divergence(fn, x, key, backend=backend, n_probes=m, probe=probe)
+            return est.mean, est.variance
     else:
         def f(x, key):
-            return hutchplusplus_divergence(backend, fn, x, key, n_matvecs=m, probe=probe)[1], None
+            return hutchplusplus_divergence(fn, x, key, backend=backend, n_matvecs=m, probe=probe).mean, None
     return backend.jit(f)
 
 
@@ -203,7 +204,7 @@ def probe_study(backend, *, d: int = 16, reps: int = N_REPS, seed: int = 0) -> d
     x0 = np.random.default_rng(seed + 1).standard_normal(d)
     j = jacobians(backend, fn, backend.asarray(x0[None], dtype=xp.float64))[0]
     exact = float(np.trace(j))
-    _, div = exact_divergence(backend, fn, backend.asarray(x0[None], dtype=xp.float64))
+    div = exact_divergence(fn, backend.asarray(x0[None], dtype=xp.float64), backend=backend).mean
     rows = []
     runs = [("hutchinson", "gaussian", PROBE_COUNTS), ("hutchinson", "rademacher", PROBE_COUNTS),
             ("hutch++", "gaussian", HUTCHPP_COUNTS)]
@@ -292,9 +293,9 @@ def timing_study(dims: Sequence[int] = TIMING_DIMS, *, batch: int = TIMING_BATCH
             x = be.asarray(np.random.default_rng(d).standard_normal((batch, d)), dtype=xp.float32, device=dev)
             key = be.key(0)
             fns = {
-                "vjp": be.jit(lambda x: exact_divergence(be, fn, x, method="vjp")[1]),
-                "jvp": be.jit(lambda x: exact_divergence(be, fn, x, method="jvp")[1]),
-                "hutchinson_1": be.jit(lambda x, k: hutchinson_divergence(be, fn, x, k)[1]),
+                "vjp": be.jit(lambda x: exact_divergence(fn, x, backend=be, method="vjp").mean),
+                "jvp": be.jit(lambda x: exact_divergence(fn, x, backend=be, method="jvp").mean),
+                "hutchinson_1": be.jit(lambda x, k: hutchinson_divergence(fn, x, k, backend=be).mean),
             }
             calls = {"vjp": lambda: fns["vjp"](x), "jvp": lambda: fns["jvp"](x),
                      "hutchinson_1": lambda: fns["hutchinson_1"](x, key)}

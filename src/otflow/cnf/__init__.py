@@ -1,16 +1,18 @@
 """The CNF layer: continuous normalizing flows on top of the ODE layer.
 
-Velocity fields (:mod:`.fields`), divergence estimators (:mod:`.divergence`),
+Velocity fields and native modules (:mod:`.fields`), divergence estimators (:mod:`.divergence`),
 the augmented dynamics of FFJORD and RNODE (:mod:`.dynamics`), the RNODE
 objective with bits/dim and the logit transform (:mod:`.objective`), the
 :class:`Flow` (:mod:`.flow`) and its file format (:mod:`.serialize`). Imports the
-ODE layer and the base layer only.
+ODE layer and the base layer only. The backend is a keyword argument (``backend=``) or
+inferred from the arrays, never a leading positional one (:mod:`.signature`).
 """
 from .divergence import (DivergenceEstimate, estimate_divergence, exact_divergence, hutchinson_divergence,
                          hutchplusplus_divergence, probe_vjp)
 from .dynamics import DENSITY_NORM, RNODE_NORM, density_rhs, flow_rhs, rnode_rhs, standard_normal_logpdf
-from .fields import ACTIVATIONS, CONDITIONINGS, MLP, FunctionField, VelocityField, module_event_shape
-from .flow import Flow, SolverOptions, load
+from .fields import (ACTIVATIONS, CONDITIONINGS, MLP, FunctionField, VelocityField, module_event_shape, native_field,
+                     register_native_field)
+from .flow import OUTPUTS, Flow, SolverOptions, load
 from .objective import RNODELoss, bits_per_dim, dequantize, logit_transform, rnode_loss
 from .serialize import ModelFileError
 
@@ -19,7 +21,8 @@ __all__ = [
     "hutchplusplus_divergence", "probe_vjp",
     "DENSITY_NORM", "RNODE_NORM", "density_rhs", "flow_rhs", "rnode_rhs", "standard_normal_logpdf",
     "ACTIVATIONS", "CONDITIONINGS", "MLP", "FunctionField", "VelocityField", "module_event_shape",
-    "Flow", "SolverOptions", "load",
+    "native_field", "register_native_field",
+    "Flow", "SolverOptions", "load", "OUTPUTS",
     "RNODELoss", "bits_per_dim", "dequantize", "logit_transform", "rnode_loss",
     "ModelFileError",
 ]

@@ -12,8 +12,9 @@ work as well as vectors.
 Because rows are independent, one vector–Jacobian product (VJP) of the whole batch
 with a cotangent ``ε`` of shape ``x.shape`` gives every row's ``εᵢᵀ ∂vᵢ/∂xᵢ`` at once.
 
-Estimators
-----------
+The estimators, each returning a :class:`DivergenceEstimate` (the backend is a keyword,
+``backend=``, or inferred from ``x``):
+
 * :func:`exact_divergence` — the full trace, ``d`` Jacobian–vector products
   vectorized with ``vmap`` (reverse mode: VJPs with the basis vectors; or forward mode:
   JVPs), optionally in chunks of the basis to bound memory.
@@ -24,28 +25,26 @@ Estimators
   a third of the products find the dominant subspace of the Jacobian, whose trace is
   taken exactly; Hutchinson estimates the rest. Better than Hutchinson when the
   Jacobian's spectrum decays, worse (up to 3× the variance) when it is flat.
-* :func:`probe_vjp` — the training hot path: one VJP gives both the Hutchinson
-  divergence and ``εᵀ∂v/∂x``, from which RNODE's Jacobian Frobenius regularizer
-  ``mean_d (εᵀ∂v/∂x)²`` is formed without another pass.
-* :func:`estimate_divergence` — the public front end returning a
-  :class:`DivergenceEstimate`.
+* :func:`estimate_divergence` — one front end for the three.
+
+:func:`probe_vjp` is the training hot path: one VJP gives both the Hutchinson
+divergence and ``εᵀ∂v/∂x``, from which RNODE's Jacobian Frobenius regularizer
+``mean_d (εᵀ∂v/∂x)²`` is formed without another pass; it returns the tuple
+``(v, div, eps_jac)``.
 
 Only VJPs are needed for the stochastic estimators (``tr(J) = tr(Jᵀ)``, so a probe's
 quadratic form ``εᵀJε`` can be read off ``εᵀJ``), which every backend with autodiff
 provides; the results compose with an enclosing reverse pass (training
 differentiates through them).
 
-References
-----------
-* M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for
-  Laplacian smoothing splines", Communications in Statistics – Simulation and
-  Computation 18(3), 1989.
-* W. Grathwohl, R. T. Q. Chen, J. Bettencourt, I. Sutskever, D. Duvenaud, "FFJORD:
-  Free-form continuous dynamics for scalable reversible generative models", ICLR 2019.
-* C. Finlay, J.-H. Jacobsen, L. Nurbekyan, A. M. Oberman, "How to train your neural
-  ODE: the world of Jacobian and kinetic regularization", ICML 2020.
-* R. A. Meyer, C. Musco, C. Musco, D. P. Woodruff, "Hutch++: Optimal stochastic trace
-  estimation", SOSA 2021.
+References: M. F. Hutchinson, "A stochastic estimator of the trace of the influence
+matrix for Laplacian smoothing splines", Communications in Statistics – Simulation and
+Computation 18(3), 1989. W. Grathwohl, R. T. Q. Chen, J. Bettencourt, I. Sutskever,
+D. Duvenaud, "FFJORD: Free-form continuous dynamics for scalable reversible generative
+models", ICLR 2019. C. Finlay, J.-H. Jacobsen, L. Nurbekyan, A. M. Oberman, "How to
+train your neural ODE: the world of Jacobian and kinetic regularization", ICML 2020.
+R. A. Meyer, C. Musco, C. Musco, D. P. Woodruff, "Hutch++: Optimal stochastic trace
+estimation", SOSA 2021.
 """
 from __future__ import annotations
 
@@ -57,6 +56,7 @@ from typing import Any, Callable
 from ..base.errors import CapabilityError
 from ..base.options import reject_unknown_keywords, unknown_option_message
 from ..base import Backend, get_backend
+from .signature import backend_keyword
 
 __all__ = [
     "DivergenceEstimate",
@@ -76,7 +76,8 @@ ESTIMATORS = ("exact", "hutchinson", "hutch++")
 PROBES = ("gaussian", "rademacher")
 #: ways :func:`exact_divergence` computes the trace: ``"vjp"`` (reverse mode: ``vmap``
 #: of the VJP over the basis), ``"jvp"`` (forward mode: ``vmap`` of the JVP over the
-#: basis), ``"auto"`` (the faster one measured for the backend)
+#: basis), ``"loop"`` (a Python loop of ``d`` VJPs), ``"auto"`` (the loop on eager backends
+#: up to d = 8, else the faster vectorized mode measured for the backend)
 EXACT_METHODS = ("auto", "vjp", "jvp", "loop")
 
 #: The exact-trace method ``"auto"`` picks per backend name, by measurement on 2 CPU cores
@@ -157,20 +158,62 @@ def _vjp_map(backend: Backend, fn: Callable, x):
 
 
 # ------------------------------------------------------------------------------------------
+# the result
+
+
+@dataclass(frozen=True)
+class DivergenceEstimate:
+    """What every divergence estimator returns.
+
+    :param mean: the estimate of ``tr(∂v/∂x)`` per row, shape ``(batch,)``.
+    :param variance: per row, the unbiased sample variance of the single-probe estimates
+        that were averaged (Hutchinson: the ``n_probes`` values ``εᵀJε``; Hutch++: the
+        ``n_probes/3`` residual probes — the exact part adds no variance, since it is
+        unbiased for every sketch — so ``variance / n_averaged`` estimates the variance of
+        ``mean`` in both cases); ``None`` for the exact trace and when fewer than two
+        probes were averaged.
+    :param n_probes: Jacobian products used per row (``d`` for the exact trace).
+    :param estimator: ``"exact"``, ``"hutchinson"`` or ``"hutch++"``.
+    :param velocity: the field's value ``v = fn(x)``, computed in the same forward pass
+        (the CNF integrates it next to the divergence).
+    """
+
+    mean: Any
+    variance: Any | None
+    n_probes: int
+    estimator: str
+    velocity: Any = None
+
+    @property
+    def n_averaged(self) -> int:
+        """How many single-probe estimates ``variance`` describes (and ``mean`` averages)."""
+        return self.n_probes // 3 if self.estimator == "hutch++" else self.n_probes
+
+    @property
+    def standard_error(self):
+        """``sqrt(variance / n_averaged)`` per row, or ``None`` with no variance."""
+        if self.variance is None:
+            return None
+        return (self.variance / self.n_averaged) ** 0.5
+
+
+# ------------------------------------------------------------------------------------------
 # the training hot path
 
 
-def probe_vjp(backend: Backend, fn: Callable, x, eps):
+def _probe_vjp(backend: Backend, fn: Callable, x, eps):
+    """:func:`probe_vjp` with the backend resolved: the dynamics call this once per
+    right-hand-side evaluation, so it skips the public function's argument handling."""
+    v, vjp_fn = backend.vjp(fn, x)
+    (eps_jac,) = vjp_fn(eps)
+    div = _sum_features(backend.namespace(), eps_jac * eps, 1)
+    return v, div, eps_jac
+
+
+@backend_keyword
+def probe_vjp(fn: Callable, x, eps, *, backend: str | Backend | None = None):
     """One vector–Jacobian product with the probe ``eps``: the Hutchinson divergence and
     the RNODE Jacobian term from the same pass.
-
-    :param backend: a backend with autodiff.
-    :param fn: the field, ``fn(x) -> v`` with ``v.shape == x.shape``, rows independent.
-    :param x: points, shape ``(batch, *features)``.
-    :param eps: the probe, shape of ``x`` (Gaussian or Rademacher entries).
-    :returns: ``(v, div, eps_jac)``: ``v = fn(x)``; ``eps_jac = εᵀ ∂v/∂x`` per row (shape of
-        ``x``); ``div = Σ_features eps_jac · ε``, shape ``(batch,)``, an unbiased estimate of
-        ``tr(∂v/∂x)`` per row (Hutchinson 1989) when ``E[εεᵀ] = I``.
 
     This is what FFJORD (Grathwohl et al. 2019) and RNODE (Finlay et al. 2020) evaluate at
     every step of a solve, with one probe drawn per solve. RNODE's Jacobian Frobenius
@@ -178,88 +221,57 @@ def probe_vjp(backend: Backend, fn: Callable, x, eps):
     for any probe with ``E[εεᵀ] = I`` (Gaussian or Rademacher), from this same VJP.
     Exactly one forward and one reverse pass through ``fn``; everything composes with an
     enclosing reverse pass.
+
+    :param fn: the field, ``fn(x) -> v`` with ``v.shape == x.shape``, rows independent.
+    :param x: points, shape ``(batch, *features)``.
+    :param eps: the probe, shape of ``x`` (Gaussian or Rademacher entries).
+    :param backend: a backend with autodiff (name or object); inferred from ``x`` when None.
+    :returns: ``(v, div, eps_jac)``: ``v = fn(x)``; ``eps_jac = εᵀ ∂v/∂x`` per row (shape of
+        ``x``); ``div = Σ_features eps_jac · ε``, shape ``(batch,)``, an unbiased estimate of
+        ``tr(∂v/∂x)`` per row (Hutchinson 1989) when ``E[εεᵀ] = I``.
+    :raises CapabilityError: when the backend cannot differentiate.
     """
-    v, vjp_fn = backend.vjp(fn, x)
-    (eps_jac,) = vjp_fn(eps)
-    div = _sum_features(backend.namespace(), eps_jac * eps, 1)
-    return v, div, eps_jac
+    be = get_backend(backend, like=x)
+    _require_autodiff(be, "probe_vjp")
+    return _probe_vjp(be, fn, x, eps)
 
 
 # ------------------------------------------------------------------------------------------
 # exact trace
 
 
-def _resolve_exact_method(backend: Backend, method) -> str:
+def _resolve_exact_method(backend: Backend, method, d: int) -> str:
+    """The concrete method for ``method``; ``"auto"`` loops over the basis on eager backends
+    up to ``d = 8`` (they pay a fixed cost per vmap call: torch, d = 2, batch 10 000 took
+    0.21 s per evaluation solve with the loop against 0.47 s with the vmapped basis), else
+    takes the backend's entry of ``_EXACT_DEFAULT``."""
     if method not in EXACT_METHODS:
         raise ValueError(unknown_option_message("exact-divergence method", str(method), EXACT_METHODS))
-    if method == "auto":
-        return _EXACT_DEFAULT.get(backend.name, "vjp")
-    return method
-
-
-def _auto_exact_method(backend: Backend, d: int) -> str:
-    """Eager backends pay a fixed cost per vmap call; for a few dimensions FFJORD's loop of d
-    VJPs over one forward pass is faster (torch, d = 2, batch 10 000: 0.21 s per evaluation solve
-    against 0.47 s with the vmapped basis)."""
+    if method != "auto":
+        return method
     if backend.eager and d <= _LOOP_MAX_DIM:
         return "loop"
     return _EXACT_DEFAULT.get(backend.name, "vjp")
 
 
-def exact_divergence(backend: Backend, fn: Callable, x, *, method: str = "auto", chunk_size: int | None = None):
-    """The exact divergence ``tr(∂v/∂x)`` of every row: ``d`` Jacobian products with the
-    basis vectors, vectorized with ``vmap``.
-
-    :param backend: a backend with autodiff (``CapabilityError`` otherwise).
-    :param fn: the field, ``fn(x) -> v`` with ``v.shape == x.shape``, rows independent.
-    :param x: points, shape ``(batch, *features)``; ``d = prod(features)``.
-    :param method: ``"vjp"`` — one forward pass, then ``vmap`` of the VJP over the basis
-        (row ``k`` of ``eₖᵀJ`` is ``J_kk``); ``"jvp"`` — ``vmap`` of the forward-mode JVP
-        over the basis (plus one plain forward pass for ``v``); ``"loop"`` — one forward pass
-        and a Python loop of ``d`` VJPs (FFJORD's way; fastest on eager backends for small
-        ``d``); ``"auto"`` — ``"loop"`` on eager backends up to d = 8, else the faster of
-        ``"vjp"``/``"jvp"`` as measured for the backend (see docs/divergence.md).
-    :param chunk_size: process at most this many basis vectors at a time. The vectorized
-        products hold ``chunk_size × batch × d`` numbers (``d × batch × d`` unchunked,
-        e.g. 1.2 GB in float32 for batch 512 and d = 784); chunks run in the backend's
-        ``fori_loop`` (a compiled, differentiable loop in JAX).
-    :returns: ``(v, div)``, ``div`` of shape ``(batch,)``.
-
-    The cost is ``d`` products, so this is the evaluation default for small ``d`` and
-    the reference the stochastic estimators are tested against. On a backend whose
-    ``vmap`` is a Python loop (``has_vmap`` False) it still works, ``d`` times slower.
-    """
+def _exact_trace(backend: Backend, fn: Callable, x, method: str = "auto", chunk_size: int | None = None):
+    """``(v, div)``: :func:`exact_divergence` with the backend resolved (the evaluation
+    dynamics call this once per right-hand-side evaluation)."""
     _require_autodiff(backend, "the exact divergence")
-    auto = method == "auto"
-    method = _resolve_exact_method(backend, method)
     xp = backend.namespace()
     batch, feat = x.shape[0], tuple(x.shape[1:])
     d = math.prod(feat)
-    if chunk_size is not None:
-        _check_count("chunk_size", chunk_size)
-    if auto:
-        method = _auto_exact_method(backend, d)
+    n_chunks = 1 if chunk_size is None else math.ceil(d / _check_count("chunk_size", chunk_size))
+    method = _resolve_exact_method(backend, method, d)
+    device = backend.device_of(x)
     if method == "loop":
-        v, vjp_fn = backend.vjp(fn, x)
-        device = backend.device_of(x)
-        cols = xp.reshape(xp.arange(d, device=device), (1, *feat))
-        div = None
-        for k in range(d):
-            e = xp.broadcast_to(xp.astype(cols == k, x.dtype), x.shape)
-            term = _sum_features(xp, vjp_fn(e)[0] * e, 1)
-            div = term if div is None else div + term
-        return v, div
-    if chunk_size is None:
-        n_chunks = 1
-    else:
-        n_chunks = math.ceil(d / _check_count("chunk_size", chunk_size))
+        return _loop_trace(backend, fn, x, d, feat)
     c = math.ceil(d / n_chunks)  # equal chunks; basis rows past d are zero and add nothing
     if method == "vjp":
         v, products = _vjp_map(backend, fn, x)
     else:
         v = fn(x)
         products = backend.vmap(lambda t: backend.jvp(fn, (x,), (t,))[1])
-    device = backend.device_of(x)
     cols = xp.reshape(xp.arange(d, device=device), (1, d))
 
     def chunk_trace(start):
@@ -271,39 +283,65 @@ def exact_divergence(backend: Backend, fn: Callable, x, *, method: str = "auto",
     if n_chunks == 1:
         return v, chunk_trace(0)
     zero = xp.zeros((batch,), dtype=x.dtype, device=device)
-    div = backend.fori_loop(0, n_chunks, lambda i, acc: acc + chunk_trace(i * c), zero)
+    return v, backend.fori_loop(0, n_chunks, lambda i, acc: acc + chunk_trace(i * c), zero)
+
+
+def _loop_trace(backend: Backend, fn: Callable, x, d: int, feat: tuple):
+    """FFJORD's way: one forward pass and a Python loop of ``d`` VJPs with the basis vectors."""
+    xp = backend.namespace()
+    v, vjp_fn = backend.vjp(fn, x)
+    cols = xp.reshape(xp.arange(d, device=backend.device_of(x)), (1, *feat))
+    div = None
+    for k in range(d):
+        e = xp.broadcast_to(xp.astype(cols == k, x.dtype), x.shape)
+        term = _sum_features(xp, vjp_fn(e)[0] * e, 1)
+        div = term if div is None else div + term
     return v, div
+
+
+@backend_keyword
+def exact_divergence(fn: Callable, x, *, backend: str | Backend | None = None, method: str = "auto",
+                     chunk_size: int | None = None) -> DivergenceEstimate:
+    """The exact divergence ``tr(∂v/∂x)`` of every row: ``d`` Jacobian products with the
+    basis vectors.
+
+    The cost is ``d`` products, so this is the evaluation default for small ``d`` and
+    the reference the stochastic estimators are tested against. On a backend whose
+    ``vmap`` is a Python loop (``has_vmap`` False) it still works, ``d`` times slower.
+
+    :param fn: the field, ``fn(x) -> v`` with ``v.shape == x.shape``, rows independent.
+    :param x: points, shape ``(batch, *features)``; ``d = prod(features)``.
+    :param backend: a backend with autodiff (name or object); inferred from ``x`` when None.
+    :param method: ``"vjp"`` — one forward pass, then ``vmap`` of the VJP over the basis
+        (row ``k`` of ``eₖᵀJ`` is ``J_kk``); ``"jvp"`` — ``vmap`` of the forward-mode JVP
+        over the basis (plus one plain forward pass for ``v``); ``"loop"`` — one forward pass
+        and a Python loop of ``d`` VJPs (FFJORD's way; fastest on eager backends for small
+        ``d``); ``"auto"`` — ``"loop"`` on eager backends up to d = 8, else the faster of
+        ``"vjp"``/``"jvp"`` as measured for the backend (see docs/divergence.md).
+    :param chunk_size: process at most this many basis vectors at a time. The vectorized
+        products hold ``chunk_size × batch × d`` numbers (``d × batch × d`` unchunked,
+        e.g. 1.2 GB in float32 for batch 512 and d = 784); chunks run in the backend's
+        ``fori_loop`` (a compiled, differentiable loop in JAX).
+    :returns: a :class:`DivergenceEstimate` with ``mean`` the trace per row, ``variance``
+        None, ``n_probes = d`` and ``velocity = fn(x)``.
+    :raises CapabilityError: when the backend cannot differentiate.
+    """
+    be = get_backend(backend, like=x)
+    v, div = _exact_trace(be, fn, x, method, chunk_size)
+    return DivergenceEstimate(mean=div, variance=None, n_probes=math.prod(x.shape[1:]), estimator="exact",
+                              velocity=v)
 
 
 # ------------------------------------------------------------------------------------------
 # Hutchinson
 
 
-def hutchinson_divergence(backend: Backend, fn: Callable, x, key, *, n_probes: int = 1, probe: str = "gaussian"):
-    """Hutchinson's estimator of the divergence, averaged over ``n_probes`` probes.
-
-    :param backend: a backend with autodiff.
-    :param fn: the field, ``fn(x) -> v`` with ``v.shape == x.shape``, rows independent.
-    :param x: points, shape ``(batch, *features)``.
-    :param key: a random key of ``backend`` (each row gets its own probes).
-    :param n_probes: probes per row; they share one forward pass and their VJPs run
-        vectorized (``vmap`` over the probes).
-    :param probe: ``"gaussian"`` (FFJORD/RNODE's default) or ``"rademacher"``.
-    :returns: ``(v, mean, var)``: ``mean`` (batch,) the average of the single-probe
-        estimates ``εᵀJε``; ``var`` (batch,) their unbiased sample variance, ``None`` when
-        ``n_probes == 1``. The standard error of ``mean`` is ``sqrt(var / n_probes)``.
-
-    For a row with Jacobian ``J`` and ``S = (J + Jᵀ)/2`` a single probe has variance
-    ``2‖S‖²_F`` (Gaussian) or ``2(‖S‖²_F − Σᵢ Jᵢᵢ²)`` (Rademacher, the minimum over probe
-    distributions with identity covariance; Hutchinson 1989).
-    """
-    _check_probe(probe)
-    n = _check_count("n_probes", n_probes)
-    _require_autodiff(backend, "Hutchinson's divergence estimator")
+def _hutchinson(backend: Backend, fn: Callable, x, key, n: int, probe: str):
+    """``(v, mean, var)`` of ``n`` probes; ``var`` None for one probe."""
     xp = backend.namespace()
     if n == 1:
         eps = _draw(backend, key, x.shape, probe, x)
-        v, div, _ = probe_vjp(backend, fn, x, eps)
+        v, div, _ = _probe_vjp(backend, fn, x, eps)
         return v, div, None
     eps = _draw(backend, key, (n, *x.shape), probe, x)
     v, products = _vjp_map(backend, fn, x)
@@ -311,6 +349,35 @@ def hutchinson_divergence(backend: Backend, fn: Callable, x, key, *, n_probes: i
     mean = xp.mean(samples, axis=0)
     var = xp.sum((samples - mean) ** 2, axis=0) / (n - 1)
     return v, mean, var
+
+
+@backend_keyword
+def hutchinson_divergence(fn: Callable, x, key, *, backend: str | Backend | None = None, n_probes: int = 1,
+                          probe: str = "gaussian") -> DivergenceEstimate:
+    """Hutchinson's estimator of the divergence, averaged over ``n_probes`` probes.
+
+    For a row with Jacobian ``J`` and ``S = (J + Jᵀ)/2`` a single probe has variance
+    ``2‖S‖²_F`` (Gaussian) or ``2(‖S‖²_F − Σᵢ Jᵢᵢ²)`` (Rademacher, the minimum over probe
+    distributions with identity covariance; Hutchinson 1989).
+
+    :param fn: the field, ``fn(x) -> v`` with ``v.shape == x.shape``, rows independent.
+    :param x: points, shape ``(batch, *features)``.
+    :param key: a random key of the backend (each row gets its own probes).
+    :param backend: a backend with autodiff (name or object); inferred from ``x`` when None.
+    :param n_probes: probes per row; they share one forward pass and their VJPs run
+        vectorized (``vmap`` over the probes).
+    :param probe: ``"gaussian"`` (FFJORD/RNODE's default) or ``"rademacher"``.
+    :returns: a :class:`DivergenceEstimate`: ``mean`` (batch,) the average of the
+        single-probe estimates ``εᵀJε``; ``variance`` (batch,) their unbiased sample
+        variance, ``None`` when ``n_probes == 1``; ``velocity = fn(x)``.
+    :raises CapabilityError: when the backend cannot differentiate.
+    """
+    _check_probe(probe)
+    n = _check_count("n_probes", n_probes)
+    be = get_backend(backend, like=x)
+    _require_autodiff(be, "Hutchinson's divergence estimator")
+    v, mean, var = _hutchinson(be, fn, x, key, n, probe)
+    return DivergenceEstimate(mean=mean, variance=var, n_probes=n, estimator="hutchinson", velocity=v)
 
 
 # ------------------------------------------------------------------------------------------
@@ -380,18 +447,10 @@ def _hutchplusplus(backend: Backend, fn: Callable, x, key, n_matvecs: int, probe
     return v, estimate, var
 
 
-def hutchplusplus_divergence(backend: Backend, fn: Callable, x, key, *, n_matvecs: int, probe: str = "gaussian"):
+@backend_keyword
+def hutchplusplus_divergence(fn: Callable, x, key, *, backend: str | Backend | None = None, n_matvecs: int,
+                             probe: str = "gaussian") -> DivergenceEstimate:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021) estimate of the divergence.
-
-    :param backend: a backend with autodiff.
-    :param fn: the field, ``fn(x) -> v`` with ``v.shape == x.shape``, rows independent.
-    :param x: points, shape ``(batch, *features)``.
-    :param key: a random key of ``backend``.
-    :param n_matvecs: Jacobian products per row, a multiple of 3 (``ValueError``
-        otherwise): ``m/3`` to sketch, ``m/3`` for the exact part, ``m/3`` probes.
-    :param probe: distribution of the sketch and probe entries, ``"gaussian"`` or
-        ``"rademacher"`` (the paper's choice).
-    :returns: ``(v, estimate)``, ``estimate`` of shape ``(batch,)``.
 
     Only VJPs are used: with ``B = Jᵀ`` (same trace), ``B·s`` is the VJP with ``s``. Per row,
     with ``S, G`` of ``m/3`` random columns: ``Q = orth(B S)`` (batched ``xp.linalg.qr``,
@@ -401,62 +460,43 @@ def hutchplusplus_divergence(backend: Backend, fn: Callable, x, key, *, n_matvec
     most of ``‖J‖_F``; on a flat spectrum the exact part buys little and the residual gets
     only a third of the probes, so the variance can be up to ~3× Hutchinson's.
     ``Q`` is held constant for an enclosing reverse pass (no QR backward).
+
+    :param fn: the field, ``fn(x) -> v`` with ``v.shape == x.shape``, rows independent.
+    :param x: points, shape ``(batch, *features)``.
+    :param key: a random key of the backend.
+    :param backend: a backend with autodiff (name or object); inferred from ``x`` when None.
+    :param n_matvecs: Jacobian products per row, a multiple of 3 (``ValueError``
+        otherwise): ``m/3`` to sketch, ``m/3`` for the exact part, ``m/3`` probes.
+    :param probe: distribution of the sketch and probe entries, ``"gaussian"`` or
+        ``"rademacher"`` (the paper's choice).
+    :returns: a :class:`DivergenceEstimate`: ``mean`` (batch,) the estimate, ``variance``
+        the sample variance of the ``m/3`` residual probes (None for ``m = 3``),
+        ``n_probes = m``, ``velocity = fn(x)``.
+    :raises CapabilityError: when the backend cannot differentiate.
     """
     probe = _check_probe(probe)
     n = _check_matvecs(n_matvecs)
-    _require_autodiff(backend, "the Hutch++ divergence estimator")
-    v, estimate, _ = _hutchplusplus(backend, fn, x, key, n, probe)
-    return v, estimate
+    be = get_backend(backend, like=x)
+    _require_autodiff(be, "the Hutch++ divergence estimator")
+    v, estimate, var = _hutchplusplus(be, fn, x, key, n, probe)
+    return DivergenceEstimate(mean=estimate, variance=var, n_probes=n, estimator="hutch++", velocity=v)
 
 
 # ------------------------------------------------------------------------------------------
-# the public front end
-
-
-@dataclass(frozen=True)
-class DivergenceEstimate:
-    """What :func:`estimate_divergence` returns.
-
-    ``mean``: the estimate of ``tr(∂v/∂x)`` per row, shape ``(batch,)``.
-    ``variance``: per row, the unbiased sample variance of the single-probe estimates
-    that were averaged (Hutchinson: the ``n_probes`` values ``εᵀJε``; Hutch++: the
-    ``n_probes/3`` residual probes — the exact part adds no variance, since it is
-    unbiased for every sketch, so ``variance / n_averaged`` estimates the variance of
-    ``mean`` in both cases); ``None`` for the exact trace and when fewer than two probes
-    were averaged.
-    ``n_probes``: Jacobian products used per row (``d`` for the exact trace).
-    ``estimator``: ``"exact"``, ``"hutchinson"`` or ``"hutch++"``.
-    """
-
-    mean: Any
-    variance: Any | None
-    n_probes: int
-    estimator: str
-
-    @property
-    def n_averaged(self) -> int:
-        """How many single-probe estimates ``variance`` describes (and ``mean`` averages)."""
-        return self.n_probes // 3 if self.estimator == "hutch++" else self.n_probes
-
-    @property
-    def standard_error(self):
-        """``sqrt(variance / n_averaged)`` per row, or ``None`` with no variance."""
-        if self.variance is None:
-            return None
-        return (self.variance / self.n_averaged) ** 0.5
+# the front end
 
 
 @reject_unknown_keywords
 def estimate_divergence(fn: Callable, x, *, backend: str | Backend | None = None, estimator: str = "hutchinson",
                         n_probes: int = 1, probe: str = "gaussian", seed: int | None = None, key=None,
                         chunk_size: int | None = None) -> DivergenceEstimate:
-    """Estimate the divergence ``tr(∂fn/∂x)`` of a field at the points ``x``.
+    """Estimate the divergence ``tr(∂fn/∂x)`` of a field at the points ``x`` with any estimator.
 
     :param fn: the field, ``fn(x) -> v`` with ``v.shape == x.shape``; row ``i`` of ``v``
         depends only on row ``i`` of ``x``.
     :param x: points, shape ``(batch, *features)`` (image-shaped features are fine).
     :param backend: a backend name or object; inferred from ``x`` when None. It must
-        differentiate (torch or JAX): ``CapabilityError`` otherwise.
+        differentiate (torch or JAX).
     :param estimator: ``"hutchinson"`` (default), ``"hutch++"`` or ``"exact"``.
     :param n_probes: Jacobian products per row for the stochastic estimators (a multiple
         of 3 for ``"hutch++"``); ignored by ``"exact"``.
@@ -464,7 +504,10 @@ def estimate_divergence(fn: Callable, x, *, backend: str | Backend | None = None
     :param seed: integer seed of the probes (default 0); or give ``key``, not both.
     :param key: a random key of the backend.
     :param chunk_size: for ``"exact"``: basis vectors per vectorized chunk (bounds memory).
-    :returns: a :class:`DivergenceEstimate`.
+    :returns: a :class:`DivergenceEstimate`, as the estimator's own function returns it.
+    :raises CapabilityError: when the backend cannot differentiate.
+    :raises ValueError: for an unknown estimator or probe (naming the nearest valid one),
+        a bad probe count, or ``seed`` and ``key`` together.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(unknown_option_message("estimator", str(estimator), ESTIMATORS))
@@ -478,12 +521,9 @@ def estimate_divergence(fn: Callable, x, *, backend: str | Backend | None = None
         raise ValueError(f"x must have shape (batch, *features) with at least one feature axis, "
                          f"got shape {tuple(x.shape)}")
     if estimator == "exact":
-        _, div = exact_divergence(be, fn, x, chunk_size=chunk_size)
-        return DivergenceEstimate(mean=div, variance=None, n_probes=math.prod(x.shape[1:]), estimator="exact")
+        return exact_divergence(fn, x, backend=be, chunk_size=chunk_size)
     if key is None:
         key = be.key(0 if seed is None else seed)
     if estimator == "hutchinson":
-        _, mean, var = hutchinson_divergence(be, fn, x, key, n_probes=n, probe=probe)
-    else:
-        _, mean, var = _hutchplusplus(be, fn, x, key, n, probe)
-    return DivergenceEstimate(mean=mean, variance=var, n_probes=n, estimator=estimator)
+        return hutchinson_divergence(fn, x, key, backend=be, n_probes=n, probe=probe)
+    return hutchplusplus_divergence(fn, x, key, backend=be, n_matvecs=n, probe=probe)

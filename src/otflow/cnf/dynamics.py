@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import math
 
-from .divergence import exact_divergence, probe_vjp
+from ..base import Backend, get_backend
 from ..ode.step_size import ErrorNorm
+from .divergence import _exact_trace, _probe_vjp
+from .signature import backend_keyword
 
 __all__ = ["standard_normal_logpdf", "feature_sum", "feature_mean", "flow_rhs", "density_rhs", "rnode_rhs",
-           "DENSITY_NORM", "RNODE_NORM"]
+           "DENSITY_NORM", "RNODE_NORM", "DENSITY_ESTIMATORS", "time_span"]
 
 #: error control of (z, Δlogp): the largest per-leaf RMS (as the FFJORD/RNODE code)
 DENSITY_NORM = ErrorNorm("leaf_rms_max")
 #: error control of (z, Δlogp, E_kinetic, E_jacobian): the regularizer integrals are masked out
 RNODE_NORM = ErrorNorm("leaf_rms_max", mask=(True, True, False, False))
+#: divergence estimators :func:`density_rhs` integrates
+DENSITY_ESTIMATORS = ("exact", "hutchinson")
 
 
 def feature_sum(xp, x):
@@ -44,8 +48,29 @@ def standard_normal_logpdf(xp, z):
     return -0.5 * feature_sum(xp, z * z) - 0.5 * d * math.log(2 * math.pi)
 
 
+def time_span(xp, t_end, *, reverse: bool = False):
+    """The output times of a block's solve, ``[0, T]`` (or ``[T, 0]`` with ``reverse``).
+
+    :param xp: the array namespace.
+    :param t_end: ``T``: a Python float (a list of floats is returned, which
+        :func:`otflow.odeint` reads without a device round trip) or a 0-d backend array (a
+        learnable ``T``, or one passed into compiled code; an array is returned).
+    :param reverse: integrate from ``T`` back to 0.
+    :returns: the two times.
+    """
+    if isinstance(t_end, (int, float)):
+        span = [0.0, float(t_end)]
+        return span[::-1] if reverse else span
+    span = [xp.zeros_like(t_end), t_end]
+    return xp.stack(span[::-1] if reverse else span)
+
+
 def flow_rhs(field):
-    """``dz/dt = v(t, z)`` with ``args = params`` (transport only, no density)."""
+    """``dz/dt = v(t, z)`` with ``args = params`` (transport only, no density).
+
+    :param field: a :class:`~otflow.VelocityField`.
+    :returns: ``rhs(t, z, params)`` for :func:`otflow.odeint`.
+    """
 
     def rhs(t, z, params):
         return field.apply(params, t, z)
@@ -53,40 +78,57 @@ def flow_rhs(field):
     return rhs
 
 
-def density_rhs(backend, field, estimator: str = "exact"):
-    """``d(z, Δlogp)/dt = (v, −div v)``; ``args = params`` for ``"exact"``, ``(params, eps)``
-    for ``"hutchinson"`` (a fixed probe for the whole solve)."""
+@backend_keyword
+def density_rhs(field, *, backend: str | Backend, estimator: str = "exact"):
+    """FFJORD's augmented dynamics ``d(z, Δlogp)/dt = (v, −div v)``.
+
+    :param field: a :class:`~otflow.VelocityField`.
+    :param backend: the backend (name or object) whose autodiff takes the divergence.
+    :param estimator: ``"exact"`` (the trace, evaluation) with ``args = params``, or
+        ``"hutchinson"`` (one probe for the whole solve, FFJORD's training estimate) with
+        ``args = (params, eps)``.
+    :returns: ``rhs(t, (z, Δlogp), args)`` for :func:`otflow.odeint`.
+    :raises ValueError: for another estimator.
+    """
+    b = get_backend(backend)
     if estimator == "exact":
 
         def rhs(t, state, params):
-            z, _ = state
-            v, div = exact_divergence(backend, lambda y: field.apply(params, t, y), z)
+            v, div = _exact_trace(b, lambda y: field.apply(params, t, y), state[0])
             return (v, -div)
 
     elif estimator == "hutchinson":
 
         def rhs(t, state, args):
             params, eps = args
-            z, _ = state
-            v, div, _ = probe_vjp(backend, lambda y: field.apply(params, t, y), z, eps)
+            v, div, _ = _probe_vjp(b, lambda y: field.apply(params, t, y), state[0], eps)
             return (v, -div)
 
     else:
-        raise ValueError(f"density_rhs: estimator must be 'exact' or 'hutchinson', got {estimator!r}")
+        raise ValueError(f"density_rhs: estimator must be one of {', '.join(map(repr, DENSITY_ESTIMATORS))}, "
+                         f"got {estimator!r}")
     return rhs
 
 
-def rnode_rhs(backend, field):
-    """``d(z, Δlogp, E_K, E_J)/dt`` with one VJP per evaluation; ``args = (params, eps)``."""
+@backend_keyword
+def rnode_rhs(field, *, backend: str | Backend):
+    """RNODE's augmented dynamics ``d(z, Δlogp, E_K, E_J)/dt`` (Finlay et al. 2020, eqs. 6–8)
+    with one VJP per evaluation.
+
+    :param field: a :class:`~otflow.VelocityField`.
+    :param backend: the backend (name or object) whose autodiff takes the VJP.
+    :returns: ``rhs(t, (z, Δlogp, E_K, E_J), (params, eps))`` for :func:`otflow.odeint`;
+        integrate it with :data:`RNODE_NORM` so the regularizer integrals stay out of
+        error control.
+    """
+    b = get_backend(backend)
+    xp = b.namespace()
 
     def rhs(t, state, args):
         params, eps = args
-        z = state[0]
-        xp = backend.namespace()
-        v, div, eps_jac = probe_vjp(backend, lambda y: field.apply(params, t, y), z, eps)
+        v, div, eps_jac = _probe_vjp(b, lambda y: field.apply(params, t, y), state[0], eps)
         kinetic = 0.5 * feature_mean(xp, v * v)
         jacobian = feature_mean(xp, eps_jac * eps_jac)
         return (v, -div, kinetic, jacobian)
 
     return rhs
-

@@ -5,21 +5,31 @@ A field is an object with ``init(backend, key, *, dtype, device) -> params`` and
 ``t`` is a 0-d array, ``v`` has the shape of ``x``, and rows are independent
 (row ``i`` of ``v`` depends only on row ``i`` of ``x``: the divergence
 estimators rely on it). The core's :class:`MLP` is written once against the
-array API; a native module of a backend (a ``torch.nn.Module`` called as
-``f(t, x)``, an Equinox module, or a pure function with its parameters) is
-wrapped by the backend into a :class:`FunctionField`.
+array API; a pure function with its parameters is a :class:`FunctionField`.
+
+Native modules of a framework (a ``torch.nn.Module`` called as ``module(t, x)``, an
+Equinox module) belong to this model layer, not to the backend protocol:
+:func:`native_field` wraps one into a :class:`FunctionField` through the adapter
+registered for the backend — from the ``otflow.native_fields`` entry-point group
+(``torch = "otflow_torch._fields:as_field"``), or by :func:`register_native_field`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any, Callable
 
 from array_api_compat import array_namespace
 
+from ..base import Backend, get_backend
 from ..base.options import unknown_option_message
 
-__all__ = ["MLP", "FunctionField", "VelocityField", "ACTIVATIONS", "CONDITIONINGS"]
+__all__ = ["MLP", "FunctionField", "VelocityField", "ACTIVATIONS", "CONDITIONINGS", "module_event_shape",
+           "native_field", "register_native_field", "NATIVE_FIELD_GROUP"]
+
+#: the entry-point group naming, per backend, the adapter of its native modules
+NATIVE_FIELD_GROUP = "otflow.native_fields"
 
 ACTIVATIONS = ("tanh", "softplus", "swish")
 CONDITIONINGS = ("concatsquash", "concat", "ignore")
@@ -32,9 +42,24 @@ class VelocityField:
     event_shape: tuple[int, ...]
 
     def init(self, backend, key, *, dtype, device=None):
+        """Initial parameters.
+
+        :param backend: the backend that creates the arrays.
+        :param key: a random key of the backend.
+        :param dtype: the floating dtype of the parameters.
+        :param device: where they live (the backend's default when None).
+        :returns: the parameter tree.
+        """
         raise NotImplementedError
 
     def apply(self, params, t, x):
+        """The velocity ``v(t, x)``.
+
+        :param params: the parameter tree.
+        :param t: the time, a 0-d array.
+        :param x: the points, shape ``(batch, *event_shape)``.
+        :returns: ``v``, shaped like ``x``; row ``i`` depends only on row ``i`` of ``x``.
+        """
         raise NotImplementedError
 
     def config(self) -> dict:
@@ -69,6 +94,12 @@ class MLP(VelocityField):
     the time gate = 1). With ``zero_last=True`` (RNODE's default) the last layer starts
     at zero, so the initial flow is the identity and the first solver steps are cheap.
     Inputs of shape ``(batch, *event_shape)`` are flattened to ``(batch, dim)``.
+
+    :param event_shape: the shape of one sample (an int for vectors).
+    :param hidden: the hidden widths.
+    :param activation: one of :data:`ACTIVATIONS`.
+    :param conditioning: one of :data:`CONDITIONINGS`.
+    :param zero_last: start the last layer at zero.
     """
 
     event_shape: tuple[int, ...]
@@ -154,9 +185,14 @@ def _device(x):
 class FunctionField(VelocityField):
     """A user's field: ``apply(params, t, x)`` with the given initial ``params`` tree.
 
-    Backends build these from native modules (``backend.as_field(module)``): torch
-    modules are called functionally on their own parameters, Equinox modules are
-    split into arrays and static parts.
+    :func:`native_field` builds these from native modules: torch modules are called
+    functionally on their own parameters, Equinox modules are split into arrays and
+    static parts.
+
+    :param apply_fn: ``apply_fn(params, t, x) -> v``.
+    :param initial_params: the parameter tree :meth:`init` returns.
+    :param event_shape: the shape of one sample.
+    :param name: shown in messages (a module's class name).
     """
 
     apply_fn: Callable[[Any, Any, Any], Any]
@@ -172,9 +208,15 @@ class FunctionField(VelocityField):
 
 
 def module_event_shape(module, event_shape, name: str, example: str) -> tuple[int, ...]:
-    """The event shape of a native module used as a field: ``event_shape`` as given, or else the
-    module's own ``event_shape`` attribute; a clear error when neither is there or they differ.
-    ``example`` shows the call to make (it names the backend)."""
+    """The event shape of a native module used as a field (for native-field adapters).
+
+    :param module: the module.
+    :param event_shape: the shape given by the caller, or None.
+    :param name: the module's name, for messages.
+    :param example: the call to show in the message (it names the backend).
+    :returns: ``event_shape`` as given, or else the module's own ``event_shape`` attribute.
+    :raises ValueError: when neither is there, they differ, or the shape is not positive ints.
+    """
     own = getattr(module, "event_shape", None)
     if event_shape is None and own is None:
         raise ValueError(
@@ -200,7 +242,12 @@ def _as_event_shape(value, name: str) -> tuple[int, ...]:
 
 
 def field_from_config(cfg: dict) -> VelocityField:
-    """Rebuild a field saved with :meth:`VelocityField.config`."""
+    """Rebuild a field saved with :meth:`VelocityField.config`.
+
+    :param cfg: the saved configuration.
+    :returns: the field.
+    :raises ValueError: for a field type that cannot be rebuilt.
+    """
     cfg = dict(cfg)
     kind = cfg.pop("type", None)
     if kind == "MLP":
@@ -208,3 +255,56 @@ def field_from_config(cfg: dict) -> VelocityField:
         cfg["hidden"] = tuple(cfg["hidden"])
         return MLP(**cfg)
     raise ValueError(f"cannot rebuild a velocity field of type {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# native modules
+
+
+#: adapters by backend name: registered ones, and those looked up in the entry-point group
+#: (None records that a backend has none, so the group is read once per backend)
+_native_adapters: dict[str, Callable | None] = {}
+
+
+def register_native_field(name: str, adapter: Callable) -> None:
+    """Register the adapter of a backend's native modules (for third-party backends; torch
+    and JAX register theirs through the ``otflow.native_fields`` entry-point group).
+
+    :param name: the backend's registry name.
+    :param adapter: ``adapter(obj, params=None, *, event_shape=None)`` returning a
+        :class:`FunctionField` for a native module of the backend and ``None`` for any
+        other object.
+    :raises TypeError: when ``adapter`` is not callable.
+    """
+    if not callable(adapter):
+        raise TypeError(f"register_native_field: the adapter must be callable, got {type(adapter).__name__}")
+    _native_adapters[name] = adapter
+
+
+def _native_adapter(name: str) -> Callable | None:
+    if name not in _native_adapters:
+        found = [ep for ep in metadata.entry_points(group=NATIVE_FIELD_GROUP) if ep.name == name]
+        _native_adapters[name] = found[0].load() if found else None
+    return _native_adapters[name]
+
+
+def native_field(obj, params=None, *, event_shape=None, backend: str | Backend) -> FunctionField | None:
+    """Wrap a native module of ``backend`` into a :class:`FunctionField` whose parameters
+    are an explicit tree (what the solver, the adjoint and the optimizers need).
+
+    torch: a ``torch.nn.Module`` called as ``module(t, x)`` through
+    ``torch.func.functional_call`` on its own ``nn.Parameter`` objects (gradients reach
+    their ``.grad``; buffers stay the module's). JAX: an Equinox module split with
+    ``eqx.partition(model, eqx.is_array)``, called with the whole batch.
+
+    :param obj: the module (any object: what is not a native module of the backend gives None).
+    :param params: must be None for a module (it carries its own parameters).
+    :param event_shape: the shape of one sample, e.g. ``(2,)``; required unless the module
+        has an ``event_shape`` attribute.
+    :param backend: the backend (name or object) whose modules to recognize.
+    :returns: the field, or None when ``obj`` is not a native module of the backend (or the
+        backend has no adapter).
+    :raises ValueError: for ``params`` given with a module, or a missing or bad event shape.
+    """
+    adapter = _native_adapter(get_backend(backend).name)
+    return None if adapter is None else adapter(obj, params, event_shape=event_shape)

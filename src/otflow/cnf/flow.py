@@ -1,93 +1,211 @@
 """The :class:`Flow`: a chain of CNF blocks, their parameters, and how to evaluate them.
 
-Conventions (FFJORD's): data ``x`` sits at ``t = 0`` and the latent ``z`` at
-``t = T``; ``dz/dt = v(t, z)`` pushes data to the standard normal base, and
+Conventions (FFJORD's, Grathwohl et al. 2019): data ``x`` sits at ``t = 0`` and the
+latent ``z`` at ``t = T``; ``dz/dt = v(t, z)`` pushes data to the standard normal base, and
 
     log p(x) = log N(z(T); 0, I) + ∫₀ᵀ tr(∂v/∂z) dt − Σ log scale
 
 (the last term undoes the stored standardization ``(x − shift)/scale``).
 Blocks are chained: block ``k`` starts where block ``k−1`` ended.
+
+Evaluation is never differentiated: parameters, end times and inputs enter it with
+their gradients stopped, and adaptive solves use the forward-only loop (on JAX the
+cheapest; on torch no autograd graph is kept). On compiling backends every evaluation
+is compiled once per kind and takes the parameters and the end times as arguments, so
+new parameters or a new ``T`` reuse it.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 
-from .dynamics import DENSITY_NORM, density_rhs, flow_rhs, standard_normal_logpdf
+from ..base import Backend, default_backend, get_backend
 from ..base.errors import SolverError, Status
-from .fields import FunctionField, VelocityField
-from ..ode.odeint import DEFAULT_MAX_STEPS, odeint, raise_for_status
 from ..base.options import reject_unknown_keywords, unknown_option_message
-from ..base import Backend, get_backend
+from ..ode.odeint import DEFAULT_MAX_STEPS, odeint, raise_for_status, resolve_solver
+from ..ode.solvers import SOLVERS
+from .dynamics import DENSITY_NORM, density_rhs, flow_rhs, standard_normal_logpdf, time_span
+from .fields import FunctionField, VelocityField, _as_event_shape, field_from_config, native_field
+from .serialize import ModelFileError, fill_tree, named_arrays, read_file, write_file
 
-__all__ = ["Flow", "SolverOptions", "load", "flow_from_header"]
+__all__ = ["Flow", "SolverOptions", "load", "flow_from_header", "ON_FAILURE", "OUTPUTS"]
 
+#: what an evaluation does when a chunk's solve fails
 ON_FAILURE = ("raise", "nan")
+#: the array type evaluation methods return: numpy arrays, or the backend's own
+OUTPUTS = ("numpy", "native")
 #: default chunking of evaluation: at most this many elements in the exact trace's basis batch
 _EXACT_TRACE_BUDGET = 1 << 25
 
 
+def _check_output(output) -> str:
+    if not isinstance(output, str):
+        raise TypeError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
+    if output not in OUTPUTS:
+        raise ValueError(unknown_option_message("output", output, OUTPUTS))
+    return output
+
+
+def _refuse_numpy_keyword(method):
+    """``sample(numpy=...)`` of earlier versions: a TypeError naming the replacement."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if "numpy" in kwargs:
+            raise TypeError("Flow.sample(numpy=...) was removed: the flow's output setting decides the array type "
+                            "of every evaluation method. For the backend's arrays use "
+                            "flow.with_output('native').sample(n) (or build the flow with output='native').")
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass(frozen=True)
 class SolverOptions:
-    """How to integrate: passed to :func:`otflow.odeint` (``norm`` is chosen by the flow)."""
+    """How a :class:`Flow` integrates when it evaluates; passed to :func:`otflow.odeint`
+    (the flow chooses the error norm and the loop kind).
 
-    method: str = "dopri5"
-    rtol: float = 1e-5
-    atol: float = 1e-5
+    :param method: a built-in method's name (``"dopri5"``, ``"rk4"``, ``"midpoint"``,
+        ``"euler"``, in any case) or a solver object (:class:`~otflow.Dopri5`, a user's
+        :class:`~otflow.ode.AbstractRungeKutta` subclass). Whether it is adaptive is asked
+        of the solver object. A flow evaluating with a user's method cannot be saved.
+    :param rtol: relative tolerance of an adaptive method; None: :func:`otflow.odeint`'s
+        default (1e-5, the FFJORD/RNODE setting). Refused for fixed-step methods.
+    :param atol: absolute tolerance of an adaptive method, likewise.
+    :param step_size: adaptive methods: the first step; fixed-step methods: the largest
+        step (each block's ``[0, T]`` is cut into ``ceil(T / step_size)`` equal steps).
+    :param n_steps: fixed-step methods: equal steps per block.
+    :param max_steps: bound on the steps of an adaptive solve.
+    :raises ValueError: for an unknown method, tolerances with a fixed-step method, a
+        fixed-step method without exactly one of ``step_size``/``n_steps``, or ``n_steps``
+        with an adaptive method.
+    """
+
+    method: Any = "dopri5"
+    rtol: float | None = None
+    atol: float | None = None
     step_size: float | None = None
     n_steps: int | None = None
     max_steps: int = DEFAULT_MAX_STEPS
 
-    def odeint_kwargs(self) -> dict:
-        kw: dict[str, Any] = {"method": self.method, "max_steps": self.max_steps}
-        if self.method == "dopri5":
-            kw.update(rtol=self.rtol, atol=self.atol)
-            if self.step_size is not None:
-                kw["step_size"] = self.step_size
-        else:
-            kw.update(step_size=self.step_size, n_steps=self.n_steps)
-        return kw
+    def __post_init__(self):
+        solver = self.solver
+        if solver.adaptive:
+            if self.n_steps is not None:
+                raise ValueError(f"n_steps applies to fixed-step methods; {solver.name!r} is adaptive "
+                                 "(step_size= sets its first step)")
+            return
+        given = [name for name in ("rtol", "atol") if getattr(self, name) is not None]
+        if given:
+            raise ValueError(f"{solver.name!r} is a fixed-step method: {' and '.join(given)} do not apply; pass "
+                             f"{', '.join(f'{name}=None' for name in given)} with it (e.g. "
+                             f"flow.with_eval_solver(method={solver.name!r}, n_steps=16, rtol=None, atol=None))")
+        if (self.step_size is None) == (self.n_steps is None):
+            raise ValueError(f"the fixed-step method {solver.name!r} needs exactly one of step_size= or n_steps= "
+                             "(e.g. n_steps=16)")
+
+    @property
+    def solver(self):
+        """The solver object, :func:`otflow.ode.resolve_solver` of ``method``."""
+        return resolve_solver(self.method)
 
     def is_adaptive(self) -> bool:
-        return self.method == "dopri5"
+        """Whether the method controls its step size (asked of the solver object)."""
+        return self.solver.adaptive
+
+    def odeint_kwargs(self) -> dict:
+        """The keywords for :func:`otflow.odeint`; options left at None are not passed."""
+        kw: dict[str, Any] = {"method": self.method, "max_steps": self.max_steps}
+        for name in ("rtol", "atol", "step_size", "n_steps"):
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
+        return kw
+
+    def config(self) -> dict:
+        """The JSON description saved with a flow.
+
+        :raises ValueError: for a user's method, which a file cannot describe.
+        """
+        solver = self.solver
+        if type(solver) is not SOLVERS.get(solver.name):
+            raise ValueError(
+                f"this flow evaluates with the user-defined method {type(solver).__name__} ({solver.name!r}), which "
+                f"a saved file cannot describe. Save flow.with_eval_solver(method='dopri5') (or another built-in "
+                f"method: {', '.join(SOLVERS)}) and set the method again after loading.")
+        cfg = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        cfg["method"] = solver.name
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "SolverOptions":
+        """Rebuild the options saved with :meth:`config`.
+
+        Files written before the tolerances were optional store 1e-5 for every method;
+        fixed-step methods never used them, so they are dropped here.
+        """
+        cfg = dict(cfg)
+        if not resolve_solver(cfg.get("method", "dopri5")).adaptive:
+            cfg["rtol"] = cfg["atol"] = None
+        return cls(**cfg)
 
 
 class Flow:
-    """A continuous normalizing flow: ``len(fields)`` CNF blocks over ``[0, T]`` each.
+    """A continuous normalizing flow (FFJORD, Grathwohl et al. 2019; trained with RNODE,
+    Finlay et al. 2020): ``len(fields)`` CNF blocks over ``[0, T]`` each.
 
-    Parameters
-    ----------
-    fields:
-        Velocity fields (:class:`~otflow.MLP` or a :class:`~otflow.FunctionField`), one per block.
-    params:
-        One parameter tree per block.
-    backend, device, dtype:
-        Where and in what precision the flow computes.
-    T:
-        The integration time of every block (a float or one per block).
-    shift, scale:
-        The data standardization ``(x − shift)/scale`` applied before the flow (and undone
-        by :meth:`inverse` and :meth:`sample`); ``log_prob`` includes its log-determinant.
-    eval_solver:
-        The solver for evaluation (default: Dormand–Prince, rtol = atol = 1e-5). The
-        divergence is the exact trace during evaluation.
+    Evaluation (:meth:`log_prob`, :meth:`transform`, :meth:`inverse`, :meth:`sample`,
+    :meth:`trajectory`) uses the evaluation solver and, for densities, the exact trace.
+    It is not differentiable: parameters and inputs enter with their gradients stopped
+    (a torch module's parameters keep no graph). For a differentiable objective use
+    :func:`otflow.rnode_loss`.
+
+    :param fields: velocity fields (:class:`~otflow.MLP` or a :class:`~otflow.FunctionField`),
+        one per block.
+    :param params: one parameter tree per block.
+    :param backend: the backend (name or object) the flow computes with.
+    :param device: where it computes (the backend's default when None).
+    :param dtype: the floating dtype of the computation (a name or the backend's dtype).
+    :param T: the integration time of every block (a float or one per block).
+    :param shift: with ``scale``, the data standardization ``(x − shift)/scale`` applied
+        before the flow (and undone by :meth:`inverse` and :meth:`sample`); ``log_prob``
+        includes its log-determinant.
+    :param scale: see ``shift``; positive.
+    :param eval_solver: the solver for evaluation (default: Dormand–Prince, rtol = atol = 1e-5).
+    :param output: ``"numpy"`` (default): every evaluation method returns numpy arrays,
+        whatever the input type; ``"native"``: the backend's arrays (torch tensors, JAX arrays).
+    :raises ValueError: for inconsistent fields and parameters, a bad ``T``, ``scale`` or ``output``.
+    :raises TypeError: for an ``eval_solver`` that is not a :class:`SolverOptions`.
     """
+
+    history: list[dict] | None
+    """The training record :func:`otflow.fit` attaches: one dict per iteration (loss, NLL,
+    kinetic and Jacobian terms, NFE, learning rate, gradient norm, and ``val_nll`` /
+    ``val_nll_se`` where validated); None for a flow not made by ``fit``."""
+
+    fit_info: dict | None
+    """What :func:`otflow.fit` reports about the run (iterations, best iteration and
+    validation NLL, skipped iterations, seconds, backend, options, whether interrupted,
+    checkpoint); None for a flow not made by ``fit``."""
+
+    last_nfe: int | None
+    """Right-hand-side evaluations of the last evaluation call (all chunks and blocks);
+    None before the first."""
 
     def __init__(self, fields: Sequence[VelocityField], params: Sequence, *, backend: str | Backend,
                  device=None, dtype="float32", T: float | Sequence[float] = 1.0, shift=None, scale=None,
-                 eval_solver: SolverOptions | None = None):
+                 eval_solver: SolverOptions | None = None, output: str = "numpy"):
         self.backend = get_backend(backend)
         xp = self.backend.namespace()
         self.fields = tuple(fields)
         if not self.fields:
             raise ValueError("a Flow needs at least one block")
-        self.params = tuple(params)
-        if len(self.params) != len(self.fields):
-            raise ValueError(f"{len(self.fields)} fields but {len(self.params)} parameter trees")
+        self.params = self._block_params(params)
         shapes = {tuple(f.event_shape) for f in self.fields}
         if len(shapes) != 1:
             raise ValueError(f"all blocks must share one event shape, got {sorted(shapes)}")
@@ -95,54 +213,85 @@ class Flow:
         self.dtype = getattr(xp, dtype) if isinstance(dtype, str) else dtype
         self.backend.check_dtype(self.dtype)
         self.device = self.backend.device(device) if (device is None or isinstance(device, str)) else device
-        Ts = (T,) * len(self.fields) if isinstance(T, (int, float)) else tuple(T)
-        if len(Ts) != len(self.fields) or not all(isinstance(t, (int, float)) and t > 0 and math.isfinite(t)
-                                                   for t in Ts):
-            raise ValueError(f"T must be a positive finite float (or one per block), got {T!r}")
-        self.T = tuple(float(t) for t in Ts)
+        self.T = self._block_times(T)
         self.shift = None if shift is None else self._const(shift)
         self.scale = None if scale is None else self._const(scale)
         if self.scale is not None and not bool(xp.all(self.scale > 0)):
             raise ValueError("scale must be positive")
+        if eval_solver is not None and not isinstance(eval_solver, SolverOptions):
+            raise TypeError(f"eval_solver must be an otflow.SolverOptions (e.g. SolverOptions(rtol=1e-6, atol=1e-6)), "
+                            f"got {type(eval_solver).__name__}")
         self.eval_solver = eval_solver or SolverOptions()
+        self.output = _check_output(output)
+        self.history = None
+        self.fit_info = None
+        self.last_nfe = None
         self._compiled: dict = {}
+        self._times_array = None
 
     # ---------------------------------------------------------------------------------------
     @classmethod
     @reject_unknown_keywords
-    def from_velocity(cls, field, params=None, *, event_shape=None, backend=None, seed: int = 0, **options) -> "Flow":
+    def from_velocity(cls, field, params=None, *, backend: str | Backend | None = None, event_shape=None,
+                      seed: int = 0, device=None, dtype="float32", T: float | Sequence[float] = 1.0, shift=None,
+                      scale=None, eval_solver: SolverOptions | None = None, output: str = "numpy") -> "Flow":
         """A one-block flow from given dynamics, with no training.
 
-        ``field`` is a :class:`~otflow.VelocityField` (``params`` given, or initialized from
-        ``seed``), a pure function ``apply(params, t, x)`` with ``params``, a function
-        ``v(t, x)`` (``params=None``), or a native module of the backend (a
-        ``torch.nn.Module`` called as ``module(t, x)``, an Equinox module).
-        Other keyword arguments go to :class:`Flow`.
+        :param field: a :class:`~otflow.VelocityField` (``params`` given, or initialized
+            from ``seed``); a pure function ``apply(params, t, x)`` with ``params``; a
+            function ``v(t, x)`` (``params=None``); or a native module of the backend (a
+            ``torch.nn.Module`` called as ``module(t, x)``, an Equinox module; see
+            :func:`otflow.cnf.native_field`).
+        :param params: the parameters, as described for ``field``.
+        :param backend: the backend (name or object); required.
+        :param event_shape: the shape of one sample, e.g. ``(2,)``; required for functions
+            and for modules without an ``event_shape`` attribute.
+        :param seed: seeds the initialization of a field given without parameters.
+        :param device: see :class:`Flow`.
+        :param dtype: see :class:`Flow`.
+        :param T: see :class:`Flow`.
+        :param shift: see :class:`Flow`.
+        :param scale: see :class:`Flow`.
+        :param eval_solver: see :class:`Flow`.
+        :param output: see :class:`Flow`.
+        :returns: the flow.
+        :raises ValueError: without ``backend``, or without ``event_shape`` where it is needed.
+        :raises TypeError: for an object that is no velocity field.
         """
         if backend is None:
             raise ValueError("Flow.from_velocity needs backend= (e.g. 'torch', 'jax' or 'numpy')")
         b = get_backend(backend)
-        if not isinstance(field, VelocityField):
-            native = b.as_field(field, params, event_shape=event_shape)
-            if native is not None:
-                field, params = native, native.initial_params
-            elif callable(field):
-                if event_shape is None:
-                    raise ValueError("event_shape= is needed for a plain function field, e.g. event_shape=(2,)")
-                shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
-                if params is None:
-                    fn = field
-                    field = FunctionField(lambda p, t, x: fn(t, x), (), shape)
-                    params = ()
-                else:
-                    field = FunctionField(field, params, shape)
-            else:
-                raise TypeError(f"cannot use a {type(field).__name__} as a velocity field")
+        field, params = _velocity_field(field, params, event_shape, b)
         if params is None:
-            dtype = options.get("dtype", "float32")
             dt = getattr(b.namespace(), dtype) if isinstance(dtype, str) else dtype
-            params = field.init(b, b.key(seed), dtype=dt, device=b.device(options.get("device")))
-        return cls([field], [params], backend=b, **options)
+            params = field.init(b, b.key(seed), dtype=dt, device=b.device(device) if device is None or
+                                isinstance(device, str) else device)
+        return cls([field], [params], backend=b, device=device, dtype=dtype, T=T, shift=shift, scale=scale,
+                   eval_solver=eval_solver, output=output)
+
+    def _block_params(self, params) -> tuple:
+        params = tuple(params)
+        if len(params) != len(self.fields):
+            raise ValueError(f"{len(self.fields)} fields but {len(params)} parameter trees")
+        return params
+
+    def _block_times(self, T) -> tuple[float, ...]:
+        """``T`` (a number, one per block, a numpy or backend array) as one float per block."""
+        n = len(self.fields)
+        message = f"T must be a positive finite float (or {n} of them, one per block), got {T!r}"
+        if self.backend.owns(T):
+            T = self.backend.to_numpy(T)
+        if isinstance(T, (bool, np.bool_, str, bytes)):
+            raise ValueError(message)
+        try:
+            times = np.asarray(T, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(message) from None
+        if times.ndim == 0:
+            times = np.full(n, float(times))
+        if times.shape != (n,) or not np.all(np.isfinite(times) & (times > 0)):
+            raise ValueError(message)
+        return tuple(float(t) for t in times)
 
     def _const(self, value):
         arr = np.asarray(self.backend.to_numpy(value) if self.backend.owns(value) else value, dtype=np.float64)
@@ -153,33 +302,76 @@ class Flow:
 
     @property
     def dim(self) -> int:
+        """The number of features of one sample."""
         return math.prod(self.event_shape)
 
     @property
     def log_scale_sum(self) -> float:
+        """``Σ log scale``, the log-determinant of the standardization (0 without one)."""
         if self.scale is None:
             return 0.0
         return float(np.sum(np.log(self.backend.to_numpy(self.scale).astype(np.float64))))
 
+    # ---------------------------------------------------------------------------------------
+    # copies
+
+    def with_parameters(self, params: Sequence, *, T: float | Sequence[float] | None = None,
+                        history: list[dict] | None = None, fit_info: dict | None = None) -> "Flow":
+        """A copy of this flow with other parameters (what :func:`otflow.fit` installs).
+
+        The copy shares the compiled evaluations of this flow: new parameters and a new
+        ``T`` need no recompilation.
+
+        :param params: one parameter tree per block.
+        :param T: the new integration times (a float, one per block, or a 1-d numpy or
+            backend array); None keeps this flow's.
+        :param history: the copy's :attr:`history` (None: no training record).
+        :param fit_info: the copy's :attr:`fit_info` (None: no training record).
+        :returns: the new flow.
+        :raises ValueError: for the wrong number of parameter trees or a bad ``T``.
+        """
+        clone = self._copy(share_compiled=True)
+        clone.params = self._block_params(params)
+        if T is not None:
+            clone.T = self._block_times(T)
+        clone.history, clone.fit_info, clone.last_nfe = history, fit_info, None
+        return clone
+
     def with_eval_solver(self, **changes) -> "Flow":
-        """A copy of this flow evaluating with other solver settings (e.g. ``rtol=1e-7``)."""
-        clone = self._clone()
+        """A copy of this flow evaluating with other solver settings.
+
+        :param changes: fields of :class:`SolverOptions` to change (e.g. ``rtol=1e-7``,
+            or ``method="rk4", n_steps=16, rtol=None, atol=None``).
+        :returns: the new flow (its training record is kept).
+        """
+        clone = self._copy(share_compiled=False)
         clone.eval_solver = replace(self.eval_solver, **changes)
         return clone
 
-    def _clone(self) -> "Flow":
+    def with_output(self, output: str) -> "Flow":
+        """A copy of this flow whose evaluation methods return ``output`` arrays.
+
+        :param output: ``"numpy"`` or ``"native"`` (the backend's arrays).
+        :returns: the new flow (sharing the compiled evaluations and the training record).
+        """
+        clone = self._copy(share_compiled=True)
+        clone.output = _check_output(output)
+        return clone
+
+    def _copy(self, *, share_compiled: bool) -> "Flow":
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
-        clone._compiled = {}
+        if not share_compiled:
+            clone._compiled = {}
         return clone
 
     # ---------------------------------------------------------------------------------------
-    # inputs and outputs in the user's array type
+    # inputs and outputs
 
     def _input(self, x, name: str = "x"):
+        """``x`` validated and converted to the flow's backend, dtype and device."""
         b = self.backend
-        native = b.owns(x)
-        host = isinstance(x, np.ndarray) or not native
+        host = isinstance(x, np.ndarray) or not b.owns(x)
         if host:
             try:
                 x = np.asarray(x)
@@ -210,17 +402,17 @@ class Flow:
             xb = b.asarray(x, dtype=self.dtype, device=self.device)
             if b.is_concrete(xb) and not bool(xp.all(xp.isfinite(xb))):
                 raise ValueError(f"{name} contains NaN or inf (or values beyond the range of {self.dtype})")
-        else:
-            if not np.all(np.isfinite(x)):
-                raise ValueError(f"{name} contains NaN or inf")
-            xb = b.asarray(np.asarray(x, dtype=np.float64), dtype=self.dtype, device=self.device)
-            if not bool(xp.all(xp.isfinite(xb))):
-                raise ValueError(f"{name} has values beyond the range of the flow's dtype {self.dtype} "
-                                 f"(max |{name}| = {np.max(np.abs(x.astype(np.float64))):.3g}); rescale them")
-        return xb, native
+            return xb
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} contains NaN or inf")
+        xb = b.asarray(np.asarray(x, dtype=np.float64), dtype=self.dtype, device=self.device)
+        if not bool(xp.all(xp.isfinite(xb))):
+            raise ValueError(f"{name} has values beyond the range of the flow's dtype {self.dtype} "
+                             f"(max |{name}| = {np.max(np.abs(x.astype(np.float64))):.3g}); rescale them")
+        return xb
 
-    def _output(self, y, native: bool):
-        return y if native else self.backend.to_numpy(y)
+    def _output(self, y):
+        return self.backend.to_numpy(y) if self.output == "numpy" else y
 
     def _standardize(self, x):
         if self.shift is not None:
@@ -237,47 +429,45 @@ class Flow:
         return x
 
     # ---------------------------------------------------------------------------------------
-    # the solves (one chunk; jitted per kind on compiling backends)
+    # the solves (one chunk; compiled per kind on compiling backends)
 
-    def _solve_kwargs(self) -> dict:
-        return dict(backend=self.backend, throw=False, check_inputs=False, **self.eval_solver.odeint_kwargs())
-
-    def _logp_chunk(self, params, x):
-        xp = self.backend.namespace()
-        kw = self._solve_kwargs()
-        if self.eval_solver.is_adaptive():
-            kw["norm"] = DENSITY_NORM
-        z = x
-        total = xp.zeros((x.shape[0],), dtype=x.dtype, device=self.backend.device_of(x))
-        status, nfe = None, 0
-        for field, p, T in zip(self.fields, params, self.T):
-            sol = odeint(density_rhs(self.backend, field, "exact"), (z, total), [0.0, T], args=p, **kw)
-            z, total = sol.ys[0][-1, ...], sol.ys[1][-1, ...]
-            status = sol.status if status is None else xp.maximum(status, sol.status)
-            nfe = nfe + sol.stats.nfe
-        return standard_normal_logpdf(xp, z) - total, status, nfe
-
-    def _transport_chunk(self, params, x, reverse: bool):
-        xp = self.backend.namespace()
-        status, nfe = None, 0
-        blocks = list(zip(self.fields, params, self.T))
-        for field, p, T in (reversed(blocks) if reverse else blocks):
-            sol = odeint(flow_rhs(field), x, [T, 0.0] if reverse else [0.0, T], args=p, **self._solve_kwargs())
-            x = sol.ys[-1, ...]
-            status = sol.status if status is None else xp.maximum(status, sol.status)
-            nfe = nfe + sol.stats.nfe
-        return x, status, nfe
+    def _block_solve_kwargs(self) -> tuple[dict, ...]:
+        """:func:`otflow.odeint` keywords per block. A fixed-step method given ``step_size``
+        gets its step count per block here, from the host ``T``, since compiled code sees
+        ``T`` only as a traced array."""
+        options = self.eval_solver
+        kw = dict(options.odeint_kwargs(), backend=self.backend, throw=False, check_inputs=False,
+                  loop_kind="forward")
+        if options.is_adaptive() or options.step_size is None:
+            return (kw,) * len(self.fields)
+        del kw["step_size"]
+        return tuple(dict(kw, n_steps=_fixed_step_count(t, options.step_size)) for t in self.T)
 
     def _compiled_fn(self, kind: str):
-        if kind not in self._compiled:
+        """The chunk function of ``kind``: ``fn(params, T, x) -> (out, status, nfe)``,
+        compiled once (per fixed-step count) and shared with :meth:`with_parameters` copies."""
+        block_kwargs = self._block_solve_kwargs()
+        key = (kind, tuple(kw.get("n_steps") for kw in block_kwargs))
+        if key not in self._compiled:
             if kind == "log_prob":
-                fn = self._logp_chunk
-            elif kind == "transform":
-                fn = lambda params, x: self._transport_chunk(params, x, False)  # noqa: E731
+                if self.eval_solver.is_adaptive():
+                    block_kwargs = tuple(dict(kw, norm=DENSITY_NORM) for kw in block_kwargs)
+                fn = functools.partial(_log_prob_chunk, self.fields, self.backend, block_kwargs)
             else:
-                fn = lambda params, x: self._transport_chunk(params, x, True)  # noqa: E731
-            self._compiled[kind] = self.backend.jit(fn)
-        return self._compiled[kind]
+                fn = functools.partial(_transport_chunk, self.fields, self.backend, block_kwargs, kind == "inverse")
+            self._compiled[key] = self.backend.jit(fn)
+        return self._compiled[key]
+
+    def _times_argument(self):
+        """``T`` as the chunk functions take it: a backend array on compiling backends (one
+        compiled function serves every ``T``), the Python floats elsewhere (which odeint
+        reads without a device round trip)."""
+        if not self.backend.has_jit:
+            return self.T
+        if self._times_array is None or self._times_array[0] != self.T:
+            array = self.backend.asarray(np.asarray(self.T), dtype=self.dtype, device=self.device)
+            self._times_array = (self.T, array)
+        return self._times_array[1]
 
     def _run_chunked(self, kind: str, x, batch_size: int | None, on_failure: str):
         """Evaluate ``kind`` over ``x`` in chunks; pad the last chunk on compiling backends so
@@ -295,22 +485,23 @@ class Flow:
                 or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         batch_size = int(batch_size)
-        fn = self._compiled_fn(kind)
-        outs, self.last_nfe = [], 0
+        fn, times = self._compiled_fn(kind), self._times_argument()
+        outs, total_nfe = [], 0
         for start in range(0, n, batch_size):
             chunk = x[start:start + batch_size, ...]
             m = chunk.shape[0]
             if b.has_jit and m < batch_size and n > batch_size:
                 pad = xp.zeros((batch_size - m, *chunk.shape[1:]), dtype=chunk.dtype, device=b.device_of(chunk))
                 chunk = xp.concat([chunk, pad], axis=0)
-            out, status, nfe = fn(self.params, chunk)
-            self.last_nfe += int(b.to_numpy(nfe))
+            out, status, nfe = fn(self.params, times, chunk)
+            total_nfe += int(b.to_numpy(nfe))
             if int(b.to_numpy(status)) != Status.SUCCESS:
-                out = self._on_chunk_failure(kind, chunk[:m, ...], status, on_failure)
+                out = self._on_chunk_failure(kind, fn, times, chunk[:m, ...], status, on_failure)
             outs.append(out[:m, ...])
+        self.last_nfe = total_nfe
         return xp.concat(outs, axis=0) if len(outs) > 1 else outs[0]
 
-    def _on_chunk_failure(self, kind, chunk, status, on_failure):
+    def _on_chunk_failure(self, kind, fn, times, chunk, status, on_failure):
         b, xp = self.backend, self.backend.namespace()
         if on_failure == "raise":
             raise SolverError(
@@ -319,10 +510,9 @@ class Flow:
                 f"on_failure='nan' (NaN for the failing points, with a warning), a looser eval tolerance "
                 f"(flow.with_eval_solver(rtol=..., atol=...)), or more max_steps.")
         # one point at a time: the failing ones get NaN
-        fn = self._compiled_fn(kind)
         rows, failed = [], 0
         for i in range(chunk.shape[0]):
-            out, st, _ = fn(self.params, chunk[i:i + 1, ...])
+            out, st, _ = fn(self.params, times, chunk[i:i + 1, ...])
             if int(b.to_numpy(st)) != Status.SUCCESS:
                 out = xp.full(out.shape, float("nan"), dtype=out.dtype, device=b.device_of(out))
                 failed += 1
@@ -341,62 +531,100 @@ class Flow:
         Rows share adaptive steps within a chunk, so a point's value depends on its
         batch-mates only through the solver's error (bounded by the evaluation
         tolerance; tighten it with :meth:`with_eval_solver` for reproducible
-        per-point values). ``on_failure="nan"`` returns NaN (with a warning) for points
-        whose solve fails instead of raising.
+        per-point values).
+
+        :param x: points, shape ``(n, *event_shape)``: a numpy array, a list, or an array
+            of the backend.
+        :param batch_size: rows per chunk (default: as many as keep the exact trace's
+            ``d × rows × d`` basis batch under 2²⁵ elements).
+        :param on_failure: ``"raise"`` (a :class:`~otflow.SolverError` naming remedies), or
+            ``"nan"``: NaN, with a warning, for the points whose solve fails.
+        :returns: shape ``(n,)``, in the flow's :attr:`output` type.
+        :raises CapabilityError: on a backend without autodiff (the trace needs it).
         """
-        xb, native = self._input(x)
+        xb = self._input(x)
         out = self._run_chunked("log_prob", self._standardize(xb), batch_size, on_failure)
-        return self._output(out - self.log_scale_sum, native)
+        return self._output(out - self.log_scale_sum)
 
     @reject_unknown_keywords
     def transform(self, x, *, batch_size: int | None = None, on_failure: str = "raise"):
-        """Data → latent: ``z = φ_T(standardize(x))``."""
-        xb, native = self._input(x)
-        return self._output(self._run_chunked("transform", self._standardize(xb), batch_size, on_failure), native)
+        """Data → latent: ``z = φ_T(standardize(x))``.
+
+        :param x: points, shape ``(n, *event_shape)``.
+        :param batch_size: rows per chunk, as for :meth:`log_prob`.
+        :param on_failure: as for :meth:`log_prob`.
+        :returns: ``z``, shaped like ``x``, in the flow's :attr:`output` type.
+        """
+        xb = self._input(x)
+        return self._output(self._run_chunked("transform", self._standardize(xb), batch_size, on_failure))
 
     @reject_unknown_keywords
     def inverse(self, z, *, batch_size: int | None = None, on_failure: str = "raise"):
-        """Latent → data: integrate backwards from ``T`` to 0 and undo the standardization."""
-        zb, native = self._input(z, "z")
-        return self._output(self._unstandardize(self._run_chunked("inverse", zb, batch_size, on_failure)), native)
+        """Latent → data: integrate backwards from ``T`` to 0 and undo the standardization.
 
+        :param z: latent points, shape ``(n, *event_shape)``.
+        :param batch_size: rows per chunk, as for :meth:`log_prob`.
+        :param on_failure: as for :meth:`log_prob`.
+        :returns: ``x``, shaped like ``z``, in the flow's :attr:`output` type.
+        """
+        zb = self._input(z, "z")
+        return self._output(self._unstandardize(self._run_chunked("inverse", zb, batch_size, on_failure)))
+
+    @_refuse_numpy_keyword
     @reject_unknown_keywords
-    def sample(self, n: int, *, seed: int = 0, batch_size: int | None = None, numpy: bool = True):
-        """``n`` samples: base draws pushed through the inverse flow (numpy unless ``numpy=False``)."""
+    def sample(self, n: int, *, seed: int = 0, batch_size: int | None = None):
+        """``n`` samples: standard normal draws pushed through the inverse flow.
+
+        :param n: the number of samples.
+        :param seed: seeds the base draws (the same seed gives the same samples).
+        :param batch_size: rows per chunk, as for :meth:`log_prob`.
+        :returns: shape ``(n, *event_shape)``, in the flow's :attr:`output` type.
+        :raises ValueError: for ``n`` not a positive int.
+        """
         if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n <= 0:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        n = int(n)
         b = self.backend
-        z = b.normal(b.key(seed), (n, *self.event_shape), dtype=self.dtype, device=self.device)
-        x = self._unstandardize(self._run_chunked("inverse", z, batch_size, "raise"))
-        return b.to_numpy(x) if numpy else x
+        z = b.normal(b.key(seed), (int(n), *self.event_shape), dtype=self.dtype, device=self.device)
+        return self._output(self._unstandardize(self._run_chunked("inverse", z, batch_size, "raise")))
 
     @reject_unknown_keywords
     def trajectory(self, x, times: Sequence[float]):
-        """States at ``times`` (in ``[0, ΣT]``, increasing) starting from data ``x``, in the
-        flow's standardized coordinates; shape ``(len(times), n, *event_shape)``."""
-        xb, native = self._input(x)
+        """States along the flow from data ``x``, in the flow's standardized coordinates.
+
+        :param x: points, shape ``(n, *event_shape)``.
+        :param times: increasing times in ``[0, ΣT]`` (the blocks run one after the other).
+        :returns: shape ``(len(times), n, *event_shape)``, in the flow's :attr:`output` type.
+        :raises ValueError: for times that do not increase within ``[0, ΣT]``.
+        :raises SolverError: when a solve fails.
+        """
+        xb = self._input(x)
         times = np.asarray(times, dtype=np.float64)
         total = sum(self.T)
         if times.ndim != 1 or times.size == 0 or np.any(np.diff(times) <= 0) or times[0] < 0 or times[-1] > total:
             raise ValueError(f"times must increase within [0, {total:g}], got {times}")
-        xp, z, offset, found = self.backend.namespace(), self._standardize(xb), 0.0, {}
-        for field, p, T in zip(self.fields, self.params, self.T):
+        b = self.backend
+        kw = dict(self.eval_solver.odeint_kwargs(), backend=b, throw=False, check_inputs=False, loop_kind="forward")
+        params, z = b.stop_gradient((self.params, self._standardize(xb)))
+        offset, found = 0.0, {}
+        for field, p, T in zip(self.fields, params, self.T):
             local = [float(t - offset) for t in times if offset - 1e-12 <= t <= offset + T + 1e-12]
             grid = sorted(set([0.0, *[min(max(t, 0.0), T) for t in local], T]))
-            sol = odeint(flow_rhs(field), z, grid, args=p, **self._solve_kwargs())
-            raise_for_status(sol, self.backend)
+            sol = odeint(flow_rhs(field), z, grid, args=p, **kw)
+            raise_for_status(sol, b, max_steps=self.eval_solver.max_steps)
             for t in local:
                 found.setdefault(round(t + offset, 12), sol.ys[grid.index(min(max(t, 0.0), T)), ...])
             z = sol.ys[-1, ...]
             offset += T
-        return self._output(xp.stack([found[round(float(t), 12)] for t in times]), native)
+        return self._output(b.namespace().stack([found[round(float(t), 12)] for t in times]))
 
     # ---------------------------------------------------------------------------------------
     # saving
 
     def header(self) -> dict:
-        """The JSON description saved with the parameters."""
+        """The JSON description saved with the parameters.
+
+        :raises ValueError: when the evaluation solver is a user-defined method.
+        """
         b = self.backend
         dtype_name = np.dtype(b.to_numpy(b.namespace().zeros((), dtype=self.dtype)).dtype).name
         return {
@@ -407,14 +635,19 @@ class Flow:
             "dtype": dtype_name,
             "shift": None if self.shift is None else b.to_numpy(self.shift).astype(np.float64).tolist(),
             "scale": None if self.scale is None else b.to_numpy(self.scale).astype(np.float64).tolist(),
-            "eval_solver": asdict(self.eval_solver),
+            "eval_solver": self.eval_solver.config(),
         }
 
     def save(self, path, *, metadata: dict | None = None):
         """Write the flow to ``path``: parameters in safetensors, a JSON header, no pickle;
-        atomic (a crash mid-write leaves any previous file intact). Returns the path."""
-        from .serialize import named_arrays, write_file
+        atomic (a crash mid-write leaves any previous file intact).
 
+        :param path: the file to write.
+        :param metadata: JSON-serializable information stored in the header.
+        :returns: the path.
+        :raises ValueError: for a flow that a file cannot describe (a user's field or
+            evaluation method).
+        """
         header = self.header()
         if metadata:
             header["metadata"] = metadata
@@ -423,27 +656,106 @@ class Flow:
 
     def __repr__(self) -> str:
         return (f"Flow(blocks={len(self.fields)}, event_shape={self.event_shape}, T={self.T}, "
-                f"backend={self.backend.name!r}, dtype={self.dtype})")
+                f"backend={self.backend.name!r}, dtype={self.dtype}, output={self.output!r})")
 
 
-def flow_from_header(header: dict, arrays: dict, *, backend=None, device=None, prefix: str = "params") -> Flow:
-    """Rebuild a :class:`Flow` from a saved header and its arrays on any backend."""
-    from .fields import field_from_config
-    from .serialize import ModelFileError, fill_tree
-    from ..base import default_backend
+# ------------------------------------------------------------------------------------------
+# helpers of Flow
 
+
+def _velocity_field(field, params, event_shape, backend: Backend) -> tuple[VelocityField, Any]:
+    """``(field, params)`` for :meth:`Flow.from_velocity`; ``params`` None asks for an
+    initialization."""
+    if isinstance(field, VelocityField):
+        return field, params
+    native = native_field(field, params, event_shape=event_shape, backend=backend)
+    if native is not None:
+        return native, native.initial_params
+    if not callable(field):
+        raise TypeError(f"cannot use a {type(field).__name__} as a velocity field: pass an otflow.MLP or "
+                        "FunctionField, a function v(t, x), a function apply(params, t, x) with params=, or a "
+                        f"native module of the {backend.name} backend")
+    if event_shape is None:
+        raise ValueError("event_shape= is needed for a plain function field, e.g. event_shape=(2,)")
+    shape = _as_event_shape(event_shape, "the field")
+    if params is None:
+        return FunctionField(_ignore_params(field), (), shape), ()
+    return FunctionField(field, params, shape), params
+
+
+def _ignore_params(velocity):
+    """``apply(params, t, x)`` for a field ``v(t, x)`` without parameters."""
+
+    def apply(params, t, x):
+        return velocity(t, x)
+
+    return apply
+
+
+def _fixed_step_count(span: float, step_size: float) -> int:
+    """Equal steps covering ``span`` with steps of at most ``step_size`` (odeint's count)."""
+    return max(1, math.ceil(span / float(step_size) * (1 - 1e-12)))
+
+
+def _log_prob_chunk(fields, backend: Backend, block_kwargs, params, T, x):
+    """``(log N(z(T)) − Δlogp, status, nfe)`` of standardized points (the standardization's
+    log-determinant is the caller's)."""
+    xp = backend.namespace()
+    params, T, x = backend.stop_gradient((params, T, x))
+    total = xp.zeros((x.shape[0],), dtype=x.dtype, device=backend.device_of(x))
+    z, status, nfe = x, None, 0
+    for i, (field, p, kw) in enumerate(zip(fields, params, block_kwargs)):
+        sol = odeint(density_rhs(field, backend=backend), (z, total), time_span(xp, T[i]), args=p, **kw)
+        z, total = sol.ys[0][-1, ...], sol.ys[1][-1, ...]
+        status = sol.status if status is None else xp.maximum(status, sol.status)
+        nfe = nfe + sol.stats.nfe
+    return standard_normal_logpdf(xp, z) - total, status, nfe
+
+
+def _transport_chunk(fields, backend: Backend, block_kwargs, reverse: bool, params, T, x):
+    """``(x after the blocks, status, nfe)``: forward from 0 to ``T``, or with ``reverse``
+    from ``T`` to 0 through the blocks in reverse order."""
+    xp = backend.namespace()
+    params, T, x = backend.stop_gradient((params, T, x))
+    status, nfe = None, 0
+    for i in (reversed(range(len(fields))) if reverse else range(len(fields))):
+        sol = odeint(flow_rhs(fields[i]), x, time_span(xp, T[i], reverse=reverse), args=params[i],
+                     **block_kwargs[i])
+        x = sol.ys[-1, ...]
+        status = sol.status if status is None else xp.maximum(status, sol.status)
+        nfe = nfe + sol.stats.nfe
+    return x, status, nfe
+
+
+# ------------------------------------------------------------------------------------------
+# loading
+
+
+def flow_from_header(header: dict, arrays: dict, *, backend=None, device=None, prefix: str = "params",
+                     output: str = "numpy") -> Flow:
+    """Rebuild a :class:`Flow` from a saved header and its arrays on any backend.
+
+    :param header: the flow's header (:meth:`Flow.header`).
+    :param arrays: the arrays read from the file.
+    :param backend: the backend to load on (the default backend when None).
+    :param device: the device to load on.
+    :param prefix: the name under which the parameters are stored.
+    :param output: the new flow's :attr:`Flow.output`.
+    :returns: the flow.
+    :raises ModelFileError: for an incomplete or incompatible header or missing arrays.
+    """
     b = get_backend(backend if backend is not None else default_backend())
     dev = b.device(device)
     try:
         fields = [field_from_config(c) for c in header["fields"]]
         dtype = header["dtype"]
-        xp = b.namespace()
-        dt = getattr(xp, dtype)
+        dt = getattr(b.namespace(), dtype)
         ref = get_backend("numpy")
         templates = tuple(f.init(ref, ref.key(0), dtype=np.float64) for f in fields)
         params = fill_tree(templates, arrays, prefix, lambda v: b.asarray(np.asarray(v), dtype=dt, device=dev))
         return Flow(fields, params, backend=b, device=dev, dtype=dtype, T=header["T"], shift=header["shift"],
-                    scale=header["scale"], eval_solver=SolverOptions(**header["eval_solver"]))
+                    scale=header["scale"], eval_solver=SolverOptions.from_config(header["eval_solver"]),
+                    output=output)
     except ModelFileError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -451,11 +763,18 @@ def flow_from_header(header: dict, arrays: dict, *, backend=None, device=None, p
 
 
 @reject_unknown_keywords
-def load(path, *, backend: str | Backend | None = None, device=None) -> Flow:
+def load(path, *, backend: str | Backend | None = None, device=None, output: str = "numpy") -> Flow:
     """Load a flow saved with :meth:`Flow.save` (or the best model in a training checkpoint)
-    on any backend: a flow trained on torch loads on jax and back."""
-    from .serialize import ModelFileError, read_file
+    on any backend: a flow trained on torch loads on jax and back.
 
+    :param path: the file.
+    :param backend: the backend to load on (the default backend when None).
+    :param device: the device to load on.
+    :param output: the flow's :attr:`Flow.output`, ``"numpy"`` or ``"native"``.
+    :returns: the flow.
+    :raises ModelFileError: for a missing, truncated, corrupted or incompatible file.
+    """
+    _check_output(output)
     arrays, header = read_file(path)
     prefix = "params"
     if header.get("kind") == "checkpoint":  # its best parameters, else the current training ones
@@ -464,4 +783,4 @@ def load(path, *, backend: str | Backend | None = None, device=None) -> Flow:
     if not isinstance(flow_header, dict):
         raise ModelFileError(f"{str(path)!r}: the checkpoint's header lacks its flow description; it was written by "
                              "an incompatible otflow version")
-    return flow_from_header(flow_header, arrays, backend=backend, device=device, prefix=prefix)
+    return flow_from_header(flow_header, arrays, backend=backend, device=device, prefix=prefix, output=output)

@@ -16,15 +16,28 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .dynamics import DENSITY_NORM, RNODE_NORM, density_rhs, rnode_rhs, standard_normal_logpdf
-from ..ode.odeint import odeint
+from ..base import Backend, get_backend
+from ..ode.odeint import odeint, resolve_solver
+from .dynamics import DENSITY_NORM, RNODE_NORM, density_rhs, rnode_rhs, standard_normal_logpdf, time_span
+from .signature import backend_keyword
 
 __all__ = ["RNODELoss", "rnode_loss", "bits_per_dim", "logit_transform", "dequantize"]
+
+#: odeint arguments :func:`rnode_loss` sets itself, so ``solver_kwargs`` may not
+_SET_BY_THE_LOSS = ("norm", "args", "backend", "throw", "check_inputs")
 
 
 @dataclass(frozen=True)
 class RNODELoss:
-    """The value of the objective and its parts (arrays of the backend; ``nfe`` an int array)."""
+    """The value of the objective and its parts.
+
+    :param loss: ``nll + λ_K·kinetic + λ_J·jacobian``, a 0-d array of the backend.
+    :param nll: the mean negative log-likelihood (Hutchinson estimate).
+    :param kinetic: the kinetic-energy integral, summed over blocks, averaged over the batch.
+    :param jacobian: the Jacobian Frobenius integral, summed over blocks, averaged over the batch.
+    :param nfe: right-hand-side evaluations of the solves (an int array).
+    :param status: the worst :class:`~otflow.Status` of the solves (an int array; 0 is success).
+    """
 
     loss: Any
     nll: Any
@@ -34,41 +47,57 @@ class RNODELoss:
     status: Any
 
 
-def rnode_loss(backend, fields: Sequence, params: Sequence, x, eps, *, T: Sequence[float],
+@backend_keyword
+def rnode_loss(fields: Sequence, params: Sequence, x, eps, *, T: Sequence, backend: str | Backend | None = None,
                lambda_kinetic: float = 0.01, lambda_jacobian: float = 0.01, solver_kwargs: dict | None = None
                ) -> RNODELoss:
-    """The RNODE loss of a chain of CNF blocks on a batch ``x`` (already standardized) with probe ``eps``.
+    """The RNODE loss (Finlay et al. 2020, eq. 8) of a chain of CNF blocks on a batch.
 
-    ``solver_kwargs`` go to :func:`otflow.odeint` (method, tolerances, steps, gradient
-    mode); the error norm is chosen here: regularizer integrals never control the step.
-    Kinetic and Jacobian terms are summed over blocks and averaged over the batch.
+    A pure function of the parameters, the batch and the probe, differentiable with
+    ``backend.value_and_grad``. The error norm is chosen here: with an adaptive solver
+    (asked of the solver object, ``otflow.ode.resolve_solver(method).adaptive``, so a
+    name in any case, a :class:`~otflow.Dopri5` instance or a user's adaptive tableau
+    all count) the regularizer integrals never control the step. Kinetic and Jacobian
+    terms are summed over blocks and averaged over the batch.
+
+    :param fields: one :class:`~otflow.VelocityField` per block.
+    :param params: one parameter tree per block.
+    :param x: the batch, already standardized, shape ``(batch, *event_shape)``.
+    :param eps: the Hutchinson probe, shape of ``x`` (one per solve).
+    :param T: the end time of every block: floats, or 0-d backend arrays (learnable).
+    :param backend: a backend with autodiff (name or object); inferred from ``x`` when None.
+    :param lambda_kinetic: λ_K ≥ 0.
+    :param lambda_jacobian: λ_J ≥ 0; with both zero this is vanilla FFJORD and the
+        regularizer integrals are not integrated at all.
+    :param solver_kwargs: passed to :func:`otflow.odeint` (method, tolerances, steps,
+        gradient mode, loop kind); not ``norm``, ``args``, ``backend``, ``throw`` or
+        ``check_inputs``, which the loss sets.
+    :returns: an :class:`RNODELoss`.
+    :raises ValueError: for a negative λ, or ``solver_kwargs`` setting what the loss sets.
     """
     if lambda_kinetic < 0 or lambda_jacobian < 0:
         raise ValueError(f"λ must be non-negative, got lambda_kinetic={lambda_kinetic}, "
                          f"lambda_jacobian={lambda_jacobian}")
-    xp = backend.namespace()
     kw = dict(solver_kwargs or {})
-    adaptive = kw.get("method", "dopri5") == "dopri5"
+    fixed = [k for k in _SET_BY_THE_LOSS if k in kw]
+    if fixed:
+        raise ValueError(f"rnode_loss sets {', '.join(fixed)} itself; remove {'it' if len(fixed) == 1 else 'them'} "
+                         "from solver_kwargs")
+    b = get_backend(backend, like=x)
+    xp = b.namespace()
+    adaptive = resolve_solver(kw.get("method", "dopri5")).adaptive
     regularized = lambda_kinetic > 0 or lambda_jacobian > 0
-    n = x.shape[0]
-    zero = xp.zeros((n,), dtype=x.dtype, device=backend.device_of(x))
+    zero = xp.zeros((x.shape[0],), dtype=x.dtype, device=b.device_of(x))
     z, dlogp, kin, jac = x, zero, zero, zero
     status, nfe = None, 0
     for field, p, t_end in zip(fields, params, T):
         if regularized:
-            state = (z, dlogp, zero, zero)
-            rhs = rnode_rhs(backend, field)
-            norm = RNODE_NORM
+            state, rhs, norm = (z, dlogp, zero, zero), rnode_rhs(field, backend=b), RNODE_NORM
         else:
-            state = (z, dlogp)
-            rhs = density_rhs(backend, field, "hutchinson")
-            norm = DENSITY_NORM
+            state, rhs, norm = (z, dlogp), density_rhs(field, backend=b, estimator="hutchinson"), DENSITY_NORM
         extra = {"norm": norm} if adaptive else {}
-        if isinstance(t_end, (int, float)):
-            ts = [0.0, float(t_end)]
-        else:  # a learnable end time (a 0-d array of the backend)
-            ts = xp.stack([xp.zeros_like(t_end), t_end])
-        sol = odeint(rhs, state, ts, args=(p, eps), backend=backend, throw=False, check_inputs=False, **extra, **kw)
+        sol = odeint(rhs, state, time_span(xp, t_end), args=(p, eps), backend=b, throw=False, check_inputs=False,
+                     **extra, **kw)
         final = [leaf[-1, ...] for leaf in sol.ys]
         z, dlogp = final[0], final[1]
         if regularized:
@@ -84,25 +113,47 @@ def rnode_loss(backend, fields: Sequence, params: Sequence, x, eps, *, T: Sequen
 def bits_per_dim(log_prob, dim: int, *, n_bins: int = 256):
     """Bits per dimension of data quantized to ``n_bins`` levels and scaled to [0, 1).
 
-    ``log_prob`` is the continuous log-density of the dequantized data ``y = (x + u)/n_bins``
-    (``u ~ U[0, 1)``) on [0, 1)^d; its expectation bounds the discrete log-likelihood from
-    below (Theis, van den Oord & Bethge 2016), so
-    ``bpd = −(log p(y) − d·log n_bins) / (d·log 2)``.
+    The expectation of the continuous log-density of the dequantized data bounds the
+    discrete log-likelihood from below (Theis, van den Oord & Bethge 2016), so
+    ``bpd = −(log p(y) − d·log n_bins) / (d·log 2)``; a uniform density gives
+    ``log2(n_bins)``.
+
+    :param log_prob: ``log p(y)`` of the dequantized data ``y = (x + u)/n_bins`` on ``[0, 1)^d``
+        (any array type, or a float).
+    :param dim: ``d``, the number of dimensions of one sample.
+    :param n_bins: the number of quantization levels.
+    :returns: bits per dimension, shaped like ``log_prob``.
     """
     return -(log_prob - dim * math.log(n_bins)) / (dim * math.log(2.0))
 
 
-def dequantize(backend, key, x, *, n_bins: int = 256):
-    """Uniform dequantization of integer levels ``x ∈ {0, …, n_bins−1}`` to ``(x + u)/n_bins``."""
-    u = backend.uniform(key, tuple(x.shape), dtype=x.dtype, device=backend.device_of(x))
+@backend_keyword
+def dequantize(key, x, *, backend: str | Backend | None = None, n_bins: int = 256):
+    """Uniform dequantization (Theis, van den Oord & Bethge 2016) of integer levels
+    ``x ∈ {0, …, n_bins−1}`` to ``(x + u)/n_bins`` with ``u ~ U[0, 1)`` per entry.
+
+    :param key: a random key of the backend.
+    :param x: the levels, a floating array of the backend.
+    :param backend: a backend name or object; inferred from ``x`` when None.
+    :param n_bins: the number of levels.
+    :returns: ``(x + u)/n_bins``, in ``[0, 1)`` for levels in range.
+    """
+    b = get_backend(backend, like=x)
+    u = b.uniform(key, tuple(x.shape), dtype=x.dtype, device=b.device_of(x))
     return (x + u) / n_bins
 
 
 def logit_transform(y, *, alpha: float = 1e-6):
-    """``s = logit(α + (1 − 2α)·y)`` for ``y ∈ [0, 1)`` and ``log |ds/dy|`` summed per row.
+    """The logit transform ``s = logit(α + (1 − 2α)·y)`` and its log-determinant.
 
     FFJORD and RNODE train image flows on ``s`` (α = 1e-6 for MNIST, 0.05 for CIFAR10);
     ``log p_y(y) = log p_s(s) + Σ log |ds/dy|``.
+
+    :param y: values in ``[0, 1)``, shape ``(batch, ...)`` (any array-API array).
+    :param alpha: the margin α in ``[0, 0.5)``.
+    :returns: ``(s, log_det)``: ``s`` shaped like ``y``; ``log_det`` the sum of
+        ``log |ds/dy|`` over every axis but the first.
+    :raises ValueError: for α outside ``[0, 0.5)``.
     """
     from array_api_compat import array_namespace
 
