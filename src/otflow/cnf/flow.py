@@ -28,7 +28,7 @@ import numpy as np
 from ..base import Backend, default_backend, get_backend
 from ..base.errors import SolverError, Status
 from ..base.options import reject_unknown_keywords, unknown_option_message
-from ..ode.odeint import DEFAULT_MAX_STEPS, odeint, raise_for_status, resolve_solver
+from ..ode.integrate import DEFAULT_MAX_STEPS, odeint, raise_for_status, resolve_solver
 from ..ode.solvers import SOLVERS
 from .dynamics import DENSITY_NORM, density_rhs, flow_rhs, standard_normal_logpdf, time_span
 from .fields import FunctionField, VelocityField, _as_event_shape, field_from_config, native_field

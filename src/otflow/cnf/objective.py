@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..base import Backend, get_backend
-from ..ode.odeint import odeint, resolve_solver
+from ..ode.integrate import odeint, resolve_solver
 from .dynamics import DENSITY_NORM, RNODE_NORM, density_rhs, rnode_rhs, standard_normal_logpdf, time_span
 from .signature import backend_keyword
 
