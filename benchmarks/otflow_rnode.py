@@ -2,8 +2,10 @@
 
 Same data, model, probe, loss, solver settings and timing loop as
 ``torchdiffeq_rnode.py`` / ``diffrax_rnode.py``, trained through otflow's own
-trainer (``backend.make_trainer``), so the printed JSON line can be put beside
-theirs::
+trainer (``otflow.training.make_trainer``), so the printed JSON line can be put beside
+theirs. It uses otflow's public API only (``otflow.get_backend``, ``otflow.MLP``,
+``otflow.rnode_loss``, ``otflow.OptimizerSpec``, ``otflow.training.make_trainer``,
+``otflow.Flow``)::
 
     python benchmarks/otflow_rnode.py --backend torch --solver dopri5 --grad direct
     python benchmarks/otflow_rnode.py --backend jax --solver rk4 --data mixture --dim 64 --width 256 --batch 256
@@ -13,8 +15,6 @@ default ``../shared/anchors`` beside the repository).
 """
 from __future__ import annotations
 
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,15 +54,10 @@ def main(argv=None):
         import jax  # noqa: F401
 
     import otflow
-    from otflow import MLP
-    from otflow.cnf import rnode_loss
-    from otflow.training import OptimizerSpec
+    from otflow import MLP, OptimizerSpec, rnode_loss
+    from otflow.training import make_trainer
 
     b = otflow.get_backend(backend_name)
-    if backend_name == "torch" and os.environ.get("OTFLOW_TORCH_VJP"):
-        from otflow_torch import TorchBackend
-
-        b = TorchBackend(vjp_impl=os.environ["OTFLOW_TORCH_VJP"])
     xp = b.namespace()
     dim = common.data_dim(a)
     field = MLP((dim,), hidden=(a.width,) * a.depth, zero_last=False)
@@ -75,15 +70,14 @@ def main(argv=None):
             solver["loop_kind"] = "checkpointed"
     if a.grad == "adjoint":
         solver["gradient"] = "adjoint"
-    nfe_per = {"nfe": 0}
 
     def loss_fn(p, x, key):
         eps = b.normal(key, tuple(x.shape), dtype=x.dtype)
-        out = rnode_loss(b, [field], [p], x, eps, T=[a.T], lambda_kinetic=a.lam_k, lambda_jacobian=a.lam_j,
+        out = rnode_loss([field], [p], x, eps, T=[a.T], backend=b, lambda_kinetic=a.lam_k, lambda_jacobian=a.lam_j,
                          solver_kwargs=solver)
         return out.loss, {"nll": out.nll, "nfe": out.nfe, "status": out.status}
 
-    trainer = b.make_trainer(loss_fn, params, OptimizerSpec(lr=a.lr))
+    trainer = make_trainer(loss_fn, params, OptimizerSpec(lr=a.lr), backend=b)
     rng = np.random.default_rng(a.seed)
     trace = common.Trace(a.trace)
     times, nfes, losses = [], [], []

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 import otflow
-from otflow import MLP, Flow
-from otflow.cnf.dynamics import rnode_rhs
-from otflow.cnf import rnode_loss
-from otflow.training import OptimizerSpec
+from otflow import MLP, Flow, OptimizerSpec, rnode_loss
+from otflow.cnf import rnode_rhs
+from otflow.training import make_trainer
 
 
 def _backend(name):
@@ -41,7 +40,7 @@ def _setup(name):
 def test_dopri5_step(benchmark, name):
     b, field, params, x = _setup(name)
     solver = otflow.Dopri5()
-    rhs = rnode_rhs(b, field)
+    rhs = rnode_rhs(field, backend=b)
     eps = b.normal(b.key(1), (512, 2), dtype=x.dtype)
     xp = b.namespace()
     zero = xp.zeros((512,), dtype=x.dtype)
@@ -68,10 +67,10 @@ def test_training_step(benchmark, name, solver):
 
     def loss_fn(p, xb, key):
         eps = b.normal(key, tuple(xb.shape), dtype=xb.dtype)
-        out = rnode_loss(b, [field], [p], xb, eps, T=[1.0], solver_kwargs=kw)
+        out = rnode_loss([field], [p], xb, eps, T=[1.0], backend=b, solver_kwargs=kw)
         return out.loss, {"nll": out.nll, "nfe": out.nfe, "status": out.status}
 
-    trainer = b.make_trainer(loss_fn, params, OptimizerSpec(lr=1e-3))
+    trainer = make_trainer(loss_fn, params, OptimizerSpec(lr=1e-3), backend=b)
     counter = iter(range(10**9))
     run = (lambda: trainer.step(x, b.key(next(counter)), 1e-3))
     for _ in range(3):

@@ -7,9 +7,10 @@ lists which test covers which failure. This module adds
 * the training-fault policy with faults injected on torch and JAX: skipped steps leave
   the parameters unchanged, the learning rate backs off and recovers, and
   ``TrainingFailed`` leaves the last checkpoint intact, loadable and resumable;
-* interruption: ``otflow fit`` killed with SIGKILL, or stopped with SIGINT, then resumed,
-  ends with exactly the parameters of an uninterrupted run; a crash in the middle of a
-  checkpoint write leaves the previous file intact and no temporary files;
+* interruption: ``otflow fit`` killed with SIGKILL (torch; JAX as a slow test), or stopped
+  with SIGINT, then resumed, ends with exactly the parameters of an uninterrupted run; a
+  crash in the middle of a checkpoint write leaves the previous file intact and no
+  temporary files;
 * hypothesis driving the public functions with arbitrary values and every numpy dtype:
   a correct result or a documented exception, never a crash from inside a framework.
 
@@ -38,6 +39,7 @@ from hypothesis.extra import numpy as hnp
 import otflow
 from otflow import Flow, FitOptions, TrainingFailed
 from otflow.cnf.serialize import ModelFileError, read_file, write_file
+from otflow.training import register_trainer, trainer_factory
 from _helpers import framework_installed, gpu_present
 
 HAS_TORCH = framework_installed("torch")
@@ -102,9 +104,11 @@ def test_fit_on_a_missing_gpu_names_it():
 @needs_torch
 def test_boolean_data_is_converted_and_huge_unstandardized_data_refused():
     rng = np.random.default_rng(1)
-    flow = otflow.fit(rng.integers(0, 2, size=(300, 2)).astype(bool) ^ (rng.random((300, 2)) < 0.3),
-                      backend="torch", max_iters=1, **{**TINY, "val_fraction": 0.1})
-    assert math.isfinite(flow.fit_info["best_val_nll"])
+    x = rng.integers(0, 2, size=(300, 2)).astype(bool) ^ (rng.random((300, 2)) < 0.3)
+    opts = dict(backend="torch", max_iters=1, **{**TINY, "val_fraction": 0.1})
+    as_bool, as_float = otflow.fit(x, **opts), otflow.fit(x.astype(np.float64), **opts)
+    assert as_bool.fit_info["best_val_nll"] == as_float.fit_info["best_val_nll"]  # True is 1.0, False 0.0
+    assert as_bool.history[0]["loss"] == as_float.history[0]["loss"]
     with pytest.raises(ValueError, match="exceed the range of float32"):
         otflow.fit(GOOD * 1e39, backend="torch", standardize=False, **TINY)
 
@@ -187,9 +191,10 @@ def test_flow_native_tensors_complex_bool_and_overflow(torch_linear_flow):
     with pytest.raises(TypeError, match="complex"):
         flow.transform(np.ones((3, 2), dtype=np.complex128))
     x = torch.tensor([[True, False], [False, False]])
-    np.testing.assert_allclose(flow.transform(x).numpy(), _expected("transform", x.numpy().astype(float)),
+    native = flow.with_output("native")  # torch tensors in, torch tensors out
+    np.testing.assert_allclose(native.transform(x).numpy(), _expected("transform", x.numpy().astype(float)),
                                atol=1e-8)
-    np.testing.assert_allclose(flow.log_prob(torch.tensor([[1, 2]])).numpy(),
+    np.testing.assert_allclose(native.log_prob(torch.tensor([[1, 2]])).numpy(),
                                _expected("log_prob", np.array([[1.0, 2.0]])), atol=1e-7)
     f32 = Flow(flow.fields, flow.params, backend=flow.backend, dtype="float32", T=T_LIN)
     with pytest.raises(ValueError, match="beyond the range of the flow's dtype"):
@@ -283,44 +288,70 @@ def test_cli_reports_errors_with_exit_codes(tmp_path, capsys):
 
 
 class FaultInjector:
-    """Wraps the backend's trainer: from call ``start`` (until ``stop``) the batch is scaled
-    by 1e30, so the float32 loss overflows inside the real (compiled, on JAX) step.
-    Records the learning rates and whether a skipped step left every parameter unchanged."""
+    """Wraps the backend's trainers (registered for the test by ``install``): from call
+    ``start`` (until ``stop``) the batch is scaled by 1e30, so the float32 loss overflows
+    inside the real (compiled, on JAX) step. Records the learning rates and whether a
+    skipped step left every parameter unchanged."""
 
     def __init__(self, backend, start: int, stop: int | None = None):
         self.b, self.start, self.stop = backend, start, stop
         self.calls, self.lrs, self.unchanged, self.good_params = 0, [], [], None
-        self._make = backend.make_trainer
+        self.trainer = None
 
-    def make_trainer(self, loss_fn, params, spec):
-        trainer = self._make(loss_fn, params, spec)
-        real_step, b = trainer.step, self.b
+    def wrap(self, trainer):
+        self.trainer = trainer
+        return FaultyTrainer(self, trainer)
 
-        def snapshot():
-            return [b.to_numpy(a).copy() for a in b.tree_leaves(trainer.params)]
+    def snapshot(self):
+        return [self.b.to_numpy(a).copy() for a in self.b.tree_leaves(self.trainer.params)]
 
-        def step(x, key, lr):
-            it = self.calls
-            self.calls += 1
-            poisoned = it >= self.start and (self.stop is None or it < self.stop)
-            before = snapshot() if poisoned else None
-            if poisoned and self.good_params is None:
-                self.good_params = before
-            m = real_step(x * 1e30 if poisoned else x, key, lr)
-            self.lrs.append(lr)
-            if poisoned:
-                self.unchanged.append(all(np.array_equal(p, q) for p, q in zip(before, snapshot())))
-            return m
+    def step(self, x, key, lr):
+        it = self.calls
+        self.calls += 1
+        poisoned = it >= self.start and (self.stop is None or it < self.stop)
+        before = self.snapshot() if poisoned else None
+        if poisoned and self.good_params is None:
+            self.good_params = before
+        m = self.trainer.step(x * 1e30 if poisoned else x, key, lr)
+        self.lrs.append(lr)
+        if poisoned:
+            self.unchanged.append(all(np.array_equal(p, q) for p, q in zip(before, self.snapshot())))
+        return m
 
-        trainer.step = step
-        return trainer
+
+class FaultyTrainer:
+    """A trainer whose ``step`` goes through a :class:`FaultInjector`; the rest is the real one's."""
+
+    def __init__(self, injector: FaultInjector, trainer):
+        self.injector, self.trainer = injector, trainer
+
+    def step(self, x, key, lr):
+        return self.injector.step(x, key, lr)
+
+    def __getattr__(self, name):
+        return getattr(self.trainer, name)
+
+
+@pytest.fixture
+def wrap_trainer():
+    """``wrap_trainer(name, wrap)``: fit's trainers on backend ``name`` become ``wrap(trainer)``
+    for this test (through ``otflow.training.register_trainer``)."""
+    saved = {}
+
+    def install(name, wrap):
+        original = saved.setdefault(name, trainer_factory(name))
+        register_trainer(name, lambda *args: wrap(original(*args)))
+
+    yield install
+    for name, factory in saved.items():
+        register_trainer(name, factory)
 
 
 @pytest.mark.parametrize("backend", TRAIN_BACKENDS)
-def test_injected_faults_skip_back_off_and_stop_with_the_checkpoint_intact(backend, tmp_path, monkeypatch):
+def test_injected_faults_skip_back_off_and_stop_with_the_checkpoint_intact(backend, tmp_path, wrap_trainer):
     b = otflow.get_backend(backend)
     inject = FaultInjector(b, start=12)
-    monkeypatch.setattr(b, "make_trainer", inject.make_trainer)
+    wrap_trainer(backend, inject.wrap)
     ck = tmp_path / "ck.safetensors"
     with pytest.warns(RuntimeWarning, match="skipped .*non-finite.*parameters kept at the last good state"):
         with pytest.raises(TrainingFailed, match=r"5 consecutive iterations failed .* last at iteration 16\. "
@@ -345,10 +376,10 @@ def test_injected_faults_skip_back_off_and_stop_with_the_checkpoint_intact(backe
 
 
 @needs_torch
-def test_learning_rate_backs_off_and_recovers(monkeypatch):
+def test_learning_rate_backs_off_and_recovers(wrap_trainer):
     b = otflow.get_backend("torch")
     inject = FaultInjector(b, start=5, stop=8)
-    monkeypatch.setattr(b, "make_trainer", inject.make_trainer)
+    wrap_trainer("torch", inject.wrap)
     with pytest.warns(RuntimeWarning, match="skipped") as caught:
         flow = otflow.fit("moons", backend="torch", max_iters=45, lr_backoff=0.5, lr_recovery=10, **TINY)
     assert [str(w.message).split("learning rate now ")[1] for w in caught] == ["×0.5)", "×0.25)", "×0.125)"]
@@ -360,7 +391,7 @@ def test_learning_rate_backs_off_and_recovers(monkeypatch):
     assert inject.unchanged == [True] * 3 and flow.fit_info["skipped_iterations"] == 3
     # lr_backoff=1 turns the back-off off
     inject2 = FaultInjector(b, start=2, stop=4)
-    monkeypatch.setattr(b, "make_trainer", inject2.make_trainer)
+    wrap_trainer("torch", inject2.wrap)
     with pytest.warns(RuntimeWarning, match="skipped"):
         flow = otflow.fit("moons", backend="torch", max_iters=6, lr_backoff=1.0, **TINY)
     assert [h["lr"] for h in flow.history] == [1e-2] * 6
@@ -401,29 +432,29 @@ def test_failed_training_solves_on_jax():
 # 3. interrupted training
 
 
-#: the command line of the issue; no validation split (evaluation is the slow part on torch, and the
-#: restoring of the best parameters on resume is covered by test_fit.py's resume test)
+#: the command line of the issue (plus --backend); no validation split (evaluation is the slow part on
+#: torch, and the restoring of the best parameters on resume is covered by test_fit.py's resume test)
 CLI_FIT = ["fit", "checkerboard", "--max-iters", "60", "--checkpoint-every", "5", "--method", "rk4", "--steps", "2",
-           "--set", "hidden=[16]", "--set", "n_train=2000", "--set", "val_fraction=0", "--quiet", "--backend", "torch"]
+           "--set", "hidden=[16]", "--set", "n_train=2000", "--set", "val_fraction=0", "--quiet"]
 
 
-def _cli(cwd, *args, **kw):
+def _cli(cwd, backend, *args, **kw):
     # one torch thread: on a busy 2-core machine intra-op threads oversubscribe and a 2 s run
     # can take a minute; the reference and the interrupted runs use the same setting
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "otflow", *CLI_FIT, *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen([sys.executable, "-m", "otflow", *CLI_FIT, "--backend", backend, *args], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _run_cli(cwd, *args):
-    proc = _cli(cwd, *args)
+def _run_cli(cwd, backend, *args):
+    proc = _cli(cwd, backend, *args)
     out, err = proc.communicate(timeout=300)
     return proc.returncode, out, err
 
 
-def _interrupt_after(cwd, sig, history: str, lines: int, *args):
+def _interrupt_after(cwd, backend, sig, history: str, lines: int, *args):
     """Start a run, send ``sig`` once its history has ``lines`` records and a checkpoint exists."""
-    proc = _cli(cwd, "--history", history, *args)
+    proc = _cli(cwd, backend, "--history", history, *args)
     deadline = time.monotonic() + 300
     hist, ck = Path(cwd) / history, Path(cwd) / "ck.safetensors"
     while time.monotonic() < deadline and proc.poll() is None:
@@ -436,14 +467,16 @@ def _interrupt_after(cwd, sig, history: str, lines: int, *args):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    if not HAS_TORCH:
-        pytest.skip("needs torch")
-    cwd = tmp_path_factory.mktemp("cli-ref")
-    rc, out, err = _run_cli(cwd, "--checkpoint", "ck.safetensors", "--out", "model.safetensors",
+def uninterrupted(request, tmp_path_factory):
+    """The reference run of the backend ``request.param`` (its folder)."""
+    backend = request.param
+    if not (HAS_TORCH if backend == "torch" else HAS_JAX):
+        pytest.skip(f"needs {backend}")
+    cwd = tmp_path_factory.mktemp(f"cli-ref-{backend}")
+    rc, out, err = _run_cli(cwd, backend, "--checkpoint", "ck.safetensors", "--out", "model.safetensors",
                             "--history", "h.jsonl")
     assert rc == 0, err
-    return cwd
+    return backend, cwd
 
 
 def _assert_equals_reference(cwd, ref):
@@ -456,53 +489,60 @@ def _assert_equals_reference(cwd, ref):
     assert not list(Path(cwd).glob(".ck.safetensors.*.tmp"))
 
 
+@pytest.mark.parametrize("uninterrupted", ["torch", pytest.param("jax", marks=pytest.mark.slow)], indirect=True)
 def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path):
-    rc, out, err = _interrupt_after(tmp_path, signal.SIGKILL, "h.jsonl", 12, "--checkpoint", "ck.safetensors",
-                                    "--out", "model.safetensors")
+    """The issue's case. On JAX (defect 7: the resumed parameters differed by up to 2e-6) three
+    processes each compile for ~15 s, so that variant is marked slow (``pytest -m slow``);
+    test_fit.py's in-process crash test covers the same restore path on JAX in every run."""
+    backend, reference = uninterrupted
+    rc, out, err = _interrupt_after(tmp_path, backend, signal.SIGKILL, "h.jsonl", 12, "--checkpoint",
+                                    "ck.safetensors", "--out", "model.safetensors")
     assert rc == -signal.SIGKILL, (rc, err)
     assert not (tmp_path / "model.safetensors").exists()
     killed_at = read_file(tmp_path / "ck.safetensors")[1]["state"]["iteration"]
     assert 10 <= killed_at < 60 and killed_at % 5 == 0
-    rc, out, err = _run_cli(tmp_path, "--resume", "ck.safetensors", "--checkpoint", "ck.safetensors",
+    rc, out, err = _run_cli(tmp_path, backend, "--resume", "ck.safetensors", "--checkpoint", "ck.safetensors",
                             "--out", "model.safetensors", "--history", "h.jsonl")
     assert rc == 0, err
     assert "trained 60 iterations" in out
-    _assert_equals_reference(tmp_path, uninterrupted)
+    _assert_equals_reference(tmp_path, reference)
 
 
+@pytest.mark.parametrize("uninterrupted", ["torch"], indirect=True)
 def test_sigint_stops_cleanly_with_a_final_checkpoint_that_resumes(uninterrupted, tmp_path):
-    rc, out, err = _interrupt_after(tmp_path, signal.SIGINT, "h.jsonl", 23, "--checkpoint", "ck.safetensors",
-                                    "--out", "model.safetensors")
+    backend, reference = uninterrupted
+    rc, out, err = _interrupt_after(tmp_path, backend, signal.SIGINT, "h.jsonl", 23, "--checkpoint",
+                                    "ck.safetensors", "--out", "model.safetensors")
     assert rc == 130, (rc, err)
     assert "interrupted at iteration" in err and "--resume ck.safetensors" in err
     stopped_at = read_file(tmp_path / "ck.safetensors")[1]["state"]["iteration"]
     # the final checkpoint is where the run stopped, not the last periodic one: nothing lost
     assert stopped_at == (tmp_path / "h.jsonl").read_text().count("\n") and 23 <= stopped_at < 60
     assert (tmp_path / "model.safetensors").exists()  # the model so far is saved too
-    rc, out, err = _run_cli(tmp_path, "--resume", "ck.safetensors", "--checkpoint", "ck.safetensors",
+    rc, out, err = _run_cli(tmp_path, backend, "--resume", "ck.safetensors", "--checkpoint", "ck.safetensors",
                             "--out", "model.safetensors", "--history", "h.jsonl")
     assert rc == 0, err
-    _assert_equals_reference(tmp_path, uninterrupted)
+    _assert_equals_reference(tmp_path, reference)
+
+
+class InterruptingTrainer:
+    """A trainer whose step first sends this process two SIGINTs."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def step(self, x, key, lr):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return self.trainer.step(x, key, lr)
+
+    def __getattr__(self, name):
+        return getattr(self.trainer, name)
 
 
 @needs_torch
-def test_a_second_ctrl_c_aborts_at_once_and_handlers_are_restored(monkeypatch):
-    b = otflow.get_backend("torch")
-    make = b.make_trainer
-
-    def make_trainer(loss_fn, params, spec):
-        trainer = make(loss_fn, params, spec)
-        step = trainer.step
-
-        def interrupting_step(x, key, lr):
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-            return step(x, key, lr)
-
-        trainer.step = interrupting_step
-        return trainer
-
-    monkeypatch.setattr(b, "make_trainer", make_trainer)
+def test_a_second_ctrl_c_aborts_at_once_and_handlers_are_restored(wrap_trainer):
+    wrap_trainer("torch", InterruptingTrainer)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
         otflow.fit("moons", backend="torch", max_iters=5, **TINY)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import sys
 from typing import Callable, ClassVar, final
 
 import jax
@@ -12,7 +11,6 @@ import numpy as np
 from jax import lax
 
 from otflow.base import Backend, BackendUnavailable, check_loop_kind, unknown_option_message
-from otflow.cnf import FunctionField, module_event_shape
 
 from . import _loops
 
@@ -280,50 +278,7 @@ class JaxBackend(Backend):
     def checkpoint(self, f: Callable) -> Callable:
         return jax.checkpoint(f)
 
-    # ---- native models ------------------------------------------------------------------
-    def as_field(self, obj, params=None, *, event_shape=None):
-        """A :class:`~otflow.FunctionField` from an Equinox module called as ``model(t, x)``;
-        ``None`` for anything else (plain functions are wrapped by the core).
-
-        The module is split with ``eqx.partition(model, eqx.is_array)``: the array part is
-        the parameter tree (an Equinox module with ``None`` in the static places, a JAX
-        pytree that optimizers and ``jax.grad`` handle), the rest is closed over, and
-        ``apply(params, t, x)`` calls ``eqx.combine(params, static)(t, x)``.
-
-        The model is called with the whole batch: ``t`` is a 0-d array and ``x`` has shape
-        ``(batch, *event_shape)``; no ``vmap`` is added, so a model written for one sample
-        must map itself over the batch (e.g. ``jax.vmap(self.mlp)`` inside ``__call__``).
-        Row ``i`` of the output must depend only on row ``i`` of ``x``.
-
-        ``event_shape`` (e.g. ``(2,)``) is required unless the module has an
-        ``event_shape`` attribute; ``params`` must be None (the module carries its own).
-        Equinox is imported only by the user: a module can only exist once it is.
-        """
-        eqx = sys.modules.get("equinox")
-        if eqx is None or not isinstance(obj, eqx.Module):
-            return None
-        name = type(obj).__name__
-        if params is not None:
-            raise ValueError(
-                f"got params= together with the Equinox module {name}: a module carries its own "
-                "parameters, so which to use would be ambiguous. Drop params=, or put the values into the "
-                "module first (eqx.tree_at / eqx.combine).")
-        shape = module_event_shape(obj, event_shape, name,
-                                   "Flow.from_velocity(model, event_shape=(2,), backend='jax')")
-        arrays, static = eqx.partition(obj, eqx.is_array)
-
-        def apply_fn(p, t, x):
-            return eqx.combine(p, static)(t, x)
-
-        return FunctionField(apply_fn, arrays, shape, name=name)
-
     # ---- random keys --------------------------------------------------------------------
-    def make_trainer(self, loss_fn, params, optimizer):
-        """A :class:`JaxTrainer` (see ``Backend.make_trainer``)."""
-        from ._trainer import JaxTrainer
-
-        return JaxTrainer(self, loss_fn, params, optimizer)
-
     def key(self, seed: int):
         """A typed key (``jax.random.key``), never a raw uint32 ``PRNGKey``.
 

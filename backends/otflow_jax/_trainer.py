@@ -1,6 +1,7 @@
 """The JAX training step: one jitted function of (params, optimizer state, batch, key, lr).
 
-optax supplies the optimizer (``scale_by_adam``, decayed weights, global-norm
+Registered in the ``otflow.trainers`` entry-point group; made by
+:func:`otflow.training.make_trainer`. optax supplies the optimizer (``scale_by_adam``, decayed weights, global-norm
 clipping); the learning rate enters as a traced value, so the step compiles
 once for the whole run (``compilations`` counts them). A non-finite loss or
 gradient, or a failed solve, selects the old parameters and optimizer state
@@ -36,13 +37,21 @@ def _transform(spec: OptimizerSpec) -> optax.GradientTransformation:
 
 
 class JaxTrainer:
-    """``step(x, key, lr) -> metrics`` around one compiled, buffer-donating update."""
+    """An :class:`otflow.training.Trainer` on JAX: ``step(x, key, lr) -> metrics`` around
+    one compiled, buffer-donating update.
 
-    def __init__(self, backend, loss_fn, params, spec: OptimizerSpec):
+    :param backend: the JAX backend.
+    :param loss_fn: ``loss_fn(params, x, key) -> (loss, aux)``, traced once.
+    :param params: the initial parameter tree.
+    :param optimizer: the optimizer settings (an optax chain: clipping, decay, Adam).
+    :ivar compilations: how many times the step was traced (1 for a whole run, resumed or not).
+    """
+
+    def __init__(self, backend, loss_fn, params, optimizer: OptimizerSpec):
         self.backend = backend
-        self.spec = spec
+        self.spec = optimizer
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
-        self._tx = _transform(spec)
+        self._tx = _transform(optimizer)
         self.opt_state = self._tx.init(self.params)
         self.compilations = 0
         tx = self._tx
@@ -62,6 +71,7 @@ class JaxTrainer:
         self._step = jax.jit(step, donate_argnums=(0, 1))
 
     def step(self, x, key, lr: float) -> dict:
+        """One step (see :meth:`otflow.training.Trainer.step`)."""
         lr = jnp.asarray(lr, dtype=jax.tree_util.tree_leaves(self.params)[0].dtype)
         self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, x, key, lr)
         metrics = dict(metrics)
@@ -70,17 +80,33 @@ class JaxTrainer:
 
     # ---- state for checkpoints -----------------------------------------------------------
     def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optax state's leaves (Adam's step count, moments) as numpy arrays named by position."""
         leaves = jax.tree_util.tree_leaves(self.opt_state)
         return {f"{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
 
     def load_optimizer_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Install a state from :meth:`optimizer_state`, each leaf in the dtype and shape of
+        this optimizer's own (a file may hold Adam's 0-d step count as shape (1,); a leaf of
+        another shape would be a different program to compile, with other rounding).
+
+        :raises ValueError: another number of arrays, or an array whose size does not fit its leaf.
+        """
         leaves, treedef = jax.tree_util.tree_flatten(self.opt_state)
         if len(arrays) != len(leaves):
             raise ValueError(f"checkpoint has {len(arrays)} optimizer arrays, this optimizer {len(leaves)}")
-        new = [jnp.asarray(arrays[f"{i}"], dtype=leaf.dtype) for i, leaf in enumerate(leaves)]
+        new = [_restored(f"{i}", arrays[f"{i}"], leaf) for i, leaf in enumerate(leaves)]
         self.opt_state = jax.tree_util.tree_unflatten(treedef, new)
 
     def set_params(self, params) -> None:
+        """Install parameter values (numpy or jax arrays), in the dtypes and shapes of the current ones."""
         leaves, treedef = jax.tree_util.tree_flatten(self.params)
-        new = [jnp.asarray(np.asarray(v), dtype=leaf.dtype) for v, leaf in zip(jax.tree_util.tree_leaves(params), leaves)]
+        new = [_restored(f"parameter {i}", v, leaf)
+               for i, (v, leaf) in enumerate(zip(jax.tree_util.tree_leaves(params), leaves))]
         self.params = jax.tree_util.tree_unflatten(treedef, new)
+
+
+def _restored(name: str, value, like) -> jax.Array:
+    value = np.asarray(value)
+    if value.size != like.size:
+        raise ValueError(f"array {name} has shape {value.shape}, expected {like.shape}")
+    return jnp.asarray(value.reshape(like.shape), dtype=like.dtype)

@@ -10,7 +10,6 @@ import torch
 import torch.utils.checkpoint
 
 from otflow.base import Backend, BackendUnavailable, make_key, split_key, unknown_option_message
-from otflow.cnf import FunctionField, module_event_shape
 
 from ._autodiff import (autograd_vjp, custom_vjp, detach, func_jvp, func_vjp, is_wrapped, under_transform,
                         value_and_grad)
@@ -176,55 +175,7 @@ class TorchBackend(Backend):
 
         return checkpointed
 
-    # ---- native models -------------------------------------------------------------------
-    def as_field(self, obj, params=None, *, event_shape=None):
-        """A :class:`~otflow.FunctionField` calling a ``torch.nn.Module`` as ``module(t, x)``;
-        ``None`` when ``obj`` is not a module.
-
-        The module receives ``t`` as a 0-d tensor and ``x`` of shape
-        ``(batch, *event_shape)`` and must return a tensor shaped like ``x`` whose row ``i``
-        depends only on row ``i`` of ``x``. It is called with
-        ``torch.func.functional_call(module, params, (t, x))``; the initial parameters are
-        ``dict(module.named_parameters())``, the module's own ``nn.Parameter`` objects, so
-        ``loss.backward()`` fills their ``.grad`` and a ``torch.optim`` optimizer over
-        ``module.parameters()`` keeps the module and the flow in sync. Buffers are the
-        module's, unchanged; ``module.train()`` / ``module.eval()`` apply as usual.
-        The module's parameters must have the flow's dtype and device (e.g. ``module.double()``).
-
-        ``event_shape`` (e.g. ``(2,)``) is required unless the module has an
-        ``event_shape`` attribute; ``params`` must be None (the module carries its own).
-        """
-        if not isinstance(obj, torch.nn.Module):
-            return None
-        name = type(obj).__name__
-        if params is not None:
-            raise ValueError(
-                f"got params= together with the torch.nn.Module {name}: a module carries its own "
-                "parameters, so which to use would be ambiguous. Drop params= (the module's parameters "
-                "are used and trained in place), or load the values into the module first "
-                "(module.load_state_dict(...)).")
-        shape = module_event_shape(obj, event_shape, name,
-                                   "Flow.from_velocity(module, event_shape=(2,), backend='torch')")
-        module = obj
-
-        def apply_fn(p, t, x):
-            try:
-                return torch.func.functional_call(module, p, (t, x))
-            except RuntimeError as e:
-                hint = _mismatch_hint(p, x, name)
-                if hint:
-                    raise TypeError(hint) from e
-                raise
-
-        return FunctionField(apply_fn, dict(module.named_parameters()), shape, name=name)
-
     # ---- random keys ---------------------------------------------------------------------
-    def make_trainer(self, loss_fn, params, optimizer):
-        """A :class:`TorchTrainer` (see ``Backend.make_trainer``)."""
-        from ._trainer import TorchTrainer
-
-        return TorchTrainer(self, loss_fn, params, optimizer)
-
     def key(self, seed: int) -> int:
         """An integer key (see ``otflow.base.keys``)."""
         return make_key(seed)
@@ -257,22 +208,6 @@ class TorchBackend(Backend):
     def __repr__(self) -> str:
         impl = "" if self.vjp_impl == "autograd" else f" (vjp_impl={self.vjp_impl!r})"
         return f"<otflow backend 'torch'{impl}>"
-
-
-def _mismatch_hint(params, x, name: str) -> str | None:
-    """A message when a module call failed because its parameters' dtype or device is not x's."""
-    values = params.values() if isinstance(params, dict) else ()
-    leaves = [p for p in values if isinstance(p, torch.Tensor) and p.is_floating_point()]
-    dtypes = {p.dtype for p in leaves}
-    devices = {p.device for p in leaves}
-    if dtypes and x.dtype not in dtypes:
-        return (f"the parameters of {name} are {', '.join(sorted(map(str, dtypes)))} but the flow computes in "
-                f"{x.dtype}: convert the module (e.g. module.to({x.dtype})) or build the flow with the module's "
-                "dtype (dtype=...)")
-    if devices and x.device not in devices:
-        return (f"the parameters of {name} are on {', '.join(sorted(map(str, devices)))} but the flow computes "
-                f"on {x.device}: move the module (module.to(device)) or build the flow with device=...")
-    return None
 
 
 def _check_cuda(dev, spec) -> None:

@@ -1,11 +1,14 @@
 """The torch training step: autograd backward and a ``torch.optim`` optimizer.
 
-Parameters are leaf tensors updated in place by the optimizer (a user module's
-own ``nn.Parameter`` objects stay its parameters, so its hooks — and later
-DistributedDataParallel's — see every gradient). One host read per step: the
-finiteness check that decides whether the update is applied.
+Registered in the ``otflow.trainers`` entry-point group; made by
+:func:`otflow.training.make_trainer`. Parameters are leaf tensors updated in place by
+the optimizer (a user module's own ``nn.Parameter`` objects stay its parameters, so its
+hooks — and later DistributedDataParallel's — see every gradient). One host read per
+step: the finiteness check that decides whether the update is applied.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -16,26 +19,29 @@ __all__ = ["TorchTrainer"]
 
 
 class TorchTrainer:
-    """``step(x, key, lr) -> metrics``; a non-finite loss or gradient, or a failed solve,
-    leaves parameters and optimizer state untouched (``metrics["applied"]`` is False)."""
+    """An :class:`otflow.training.Trainer` on torch: ``step(x, key, lr) -> metrics``.
 
-    def __init__(self, backend, loss_fn, params, spec: OptimizerSpec):
+    A non-finite loss or gradient, or a failed solve, leaves parameters and optimizer
+    state untouched (``metrics["applied"]`` is False).
+
+    :param backend: the torch backend.
+    :param loss_fn: ``loss_fn(params, x, key) -> (loss, aux)``.
+    :param params: the initial parameter tree (tensors; leaves requiring grad are used as they are).
+    :param optimizer: the optimizer settings (Adam is ``torch.optim.Adam``, AdamW ``torch.optim.AdamW``).
+    """
+
+    def __init__(self, backend, loss_fn, params, optimizer: OptimizerSpec):
         self.backend = backend
         self.loss_fn = loss_fn
-        self.spec = spec
-
-        def as_leaf(p):
-            if p.is_leaf and p.requires_grad:
-                return p
-            return p.detach().clone().requires_grad_(True)
-
-        self.params = backend.tree_map(as_leaf, params)
+        self.spec = optimizer
+        self.params = backend.tree_map(_as_leaf, params)
         self._leaves = backend.tree_leaves(self.params)
-        cls = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
-        self.optimizer = cls(self._leaves, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-                             weight_decay=spec.weight_decay)
+        cls = torch.optim.Adam if optimizer.name == "adam" else torch.optim.AdamW
+        self.optimizer = cls(self._leaves, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
+                             weight_decay=optimizer.weight_decay)
 
     def step(self, x, key, lr: float) -> dict:
+        """One step (see :meth:`otflow.training.Trainer.step`)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -52,8 +58,9 @@ class TorchTrainer:
         return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "applied": applied,
                 **{k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in aux.items()}}
 
-    # ---- state for checkpoints (numpy arrays, named) -------------------------------------
+    # ---- state for checkpoints (numpy arrays, named "<leaf index>.<state name>") ----------
     def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optimizer's per-parameter state (step, moments) as named numpy arrays."""
         out = {}
         for idx, state in self.optimizer.state_dict()["state"].items():
             for name, value in state.items():
@@ -61,19 +68,42 @@ class TorchTrainer:
         return out
 
     def load_optimizer_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Install a state from :meth:`optimizer_state`, each array in the shape the optimizer
+        keeps it in (``step`` 0-d on the CPU, the moments shaped like their parameter).
+
+        :raises ValueError: an array whose size does not fit its parameter, or an unknown leaf.
+        """
         sd = self.optimizer.state_dict()
         state: dict = {}
         for key, value in arrays.items():
             idx, name = key.split(".", 1)
+            if not idx.isdigit() or int(idx) >= len(self._leaves):
+                raise ValueError(f"optimizer array {key!r} names no parameter (the model has {len(self._leaves)})")
             leaf = self._leaves[int(idx)]
-            device = leaf.device if name != "step" else "cpu"
-            dtype = leaf.dtype if name != "step" else torch.float32
-            state.setdefault(int(idx), {})[name] = torch.as_tensor(value, dtype=dtype, device=device)
+            if name == "step":
+                shape, dtype, device = (), torch.float32, "cpu"
+            else:
+                shape, dtype, device = tuple(leaf.shape), leaf.dtype, leaf.device
+            state.setdefault(int(idx), {})[name] = _restored(key, value, shape, dtype, device)
         sd["state"] = state
         self.optimizer.load_state_dict(sd)
 
     def set_params(self, params) -> None:
+        """Copy parameter values (tensors or numpy arrays) into the parameters, in place."""
         with torch.no_grad():
             for leaf, value in zip(self._leaves, self.backend.tree_leaves(params)):
                 leaf.copy_(torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value,
                                            dtype=leaf.dtype, device=leaf.device))
+
+
+def _as_leaf(p):
+    if p.is_leaf and p.requires_grad:
+        return p
+    return p.detach().clone().requires_grad_(True)
+
+
+def _restored(key: str, value, shape: tuple, dtype, device) -> torch.Tensor:
+    value = np.asarray(value)
+    if value.size != math.prod(shape):
+        raise ValueError(f"optimizer array {key!r} has shape {value.shape}, this optimizer keeps {shape}")
+    return torch.as_tensor(value.reshape(shape), dtype=dtype, device=device)

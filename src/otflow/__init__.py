@@ -13,8 +13,8 @@ from .base import (Backend, BackendUnavailable, CapabilityError, MaxStepsReached
 from .cnf import (MLP, DivergenceEstimate, Flow, FunctionField, RNODELoss, SolverOptions, VelocityField, bits_per_dim,
                   dequantize, estimate_divergence, exact_divergence, hutchinson_divergence, hutchplusplus_divergence,
                   load, logit_transform, probe_vjp, rnode_loss)
-from .ode import (RK4, AdjointStats, ButcherTableau, Dopri5, ErrorNorm, Euler, GradientCheck, Midpoint, PIController,
-                  Solution, Stats, adjoint_counter, adjoint_stats, check_gradients, odeint)
+from .ode import (RK4, Adjoint, AdjointStats, ButcherTableau, Dopri5, ErrorNorm, Euler, GradientCheck, Midpoint,
+                  PIController, Solution, Stats, adjoint_counter, adjoint_stats, check_gradients, odeint)
 from .training import FitOptions, OptimizerSpec, TrainingFailed, datasets, fit
 
 # module paths of the first release, kept as aliases of their homes in the layers
@@ -26,6 +26,7 @@ del _old, _new
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adjoint",
     "AdjointStats",
     "adjoint_counter",
     "adjoint_stats",

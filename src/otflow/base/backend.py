@@ -213,22 +213,18 @@ class Backend(abc.ABC):
         """Rematerialize ``f``'s intermediates in the backward pass instead of storing them."""
         return f
 
-    # ---- training --------------------------------------------------------------------------
-    def make_trainer(self, loss_fn: Callable, params, optimizer):
-        """A trainer for ``loss_fn(params, x, key) -> (loss, aux)`` with the framework's own
-        optimizer (an :class:`otflow._optim.OptimizerSpec`): ``trainer.step(x, key, lr)``
-        returns the metrics (``loss``, ``grad_norm``, ``applied`` and ``aux``); a
-        non-finite loss or gradient, or ``aux["status"] != 0``, leaves the parameters and
-        optimizer state as they were. ``trainer.params`` holds the current parameters;
-        ``optimizer_state()`` / ``load_optimizer_state()`` / ``set_params()`` serve checkpoints."""
-        self._no_autodiff("training")
-
     # ---- native models ------------------------------------------------------------------
-    def as_field(self, obj, params=None, *, event_shape=None):
-        """Wrap a native module of this backend (a ``torch.nn.Module`` called as
-        ``module(t, x)``, an Equinox module) into an :class:`otflow.FunctionField` whose
-        parameters are an explicit tree; ``None`` when ``obj`` is not such a module."""
-        return None
+    def __getattr__(self, name: str):
+        # native modules moved to the model layer; the old method name points there
+        if name == "as_field":
+            raise AttributeError(
+                "Backend.as_field was removed: native modules are wrapped by the model layer, "
+                "otflow.cnf.native_field(module, event_shape=..., backend=...)", name=name, obj=self)
+        if name == "make_trainer":  # trainers moved to the training layer
+            raise AttributeError(
+                "Backend.make_trainer was removed: trainers belong to the training layer, "
+                "otflow.training.make_trainer(loss_fn, params, optimizer, backend=...)", name=name, obj=self)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}", name=name, obj=self)
 
     # ---- random keys ----------------------------------------------------------------------
     @abc.abstractmethod

@@ -1,12 +1,21 @@
-"""The training layer: ``fit`` and everything around it.
+"""The training layer: :func:`fit` and everything around it.
 
-Options and the training loop (:mod:`.fit`), optimizer settings and schedules
-(:mod:`.optim`), data sets (:mod:`.datasets`), the command line (:mod:`.cli`)
-and plots (:mod:`.plotting`). Built on the CNF, ODE and base layers.
+One module per concern: the options (:mod:`.options`), the data and its batches
+(:mod:`.data`), the model and its loss (:mod:`.model`), the framework's training step
+behind the :class:`Trainer` protocol (:mod:`.trainer`), optimizer settings and schedules
+(:mod:`.optim`), validation (:mod:`.evaluation`), the failure policy (:mod:`.faults`),
+checkpoints and resume (:mod:`.checkpoint`), the stop signals (:mod:`.signals`), the
+history and progress bar (:mod:`.progress`), and the loop over them (:mod:`.fit`); plus
+data sets (:mod:`.datasets`), the command line (:mod:`.cli`) and plots (:mod:`.plotting`).
+Built on the CNF, ODE and base layers.
 """
 from . import cli, datasets, plotting
-from .fit import FitOptions, TrainingFailed, fit, load_config
+from .faults import TrainingFailed
+from .fit import fit
 from .optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
+from .options import FitOptions, load_config
+from .trainer import TRAINER_GROUP, Trainer, make_trainer, register_trainer, trainer_factory
 
-__all__ = ["cli", "datasets", "plotting", "fit", "FitOptions", "TrainingFailed", "load_config", "OptimizerSpec", "OPTIMIZERS",
-           "SCHEDULES"]
+__all__ = ["cli", "datasets", "plotting", "fit", "FitOptions", "TrainingFailed", "load_config", "OptimizerSpec",
+           "OPTIMIZERS", "SCHEDULES", "Trainer", "make_trainer", "register_trainer", "trainer_factory",
+           "TRAINER_GROUP"]

@@ -15,7 +15,6 @@ first, and ``--resume CHECKPOINT`` continues the run exactly).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -88,6 +87,7 @@ def _load_data(spec: str, n: int = 5000, seed: int = 12345) -> np.ndarray:
 
 
 def _cmd_fit(args) -> int:
+    from .checkpoint import jsonable
     from .fit import fit
 
     options = {k: getattr(args, k) for k in _FIT_FLAGS if getattr(args, k) is not None}
@@ -107,9 +107,7 @@ def _cmd_fit(args) -> int:
     start = time.perf_counter()
     flow = fit(args.data, backend=args.backend, device=args.device, config=args.config, resume=args.resume, **options)
     info = flow.fit_info
-    from .fit import _jsonable
-
-    path = flow.save(args.out, metadata=_jsonable({"data": args.data,
+    path = flow.save(args.out, metadata=jsonable({"data": args.data,
                                                    "fit": {k: v for k, v in info.items() if k != "last"}}))
     best = (f"best validation NLL {info['best_val_nll']:.4f} (iteration {info['best_iteration']})"
             if info["best_iteration"] >= 0 else "no validation")
@@ -183,11 +181,16 @@ def _cmd_datasets(args) -> int:
 
 
 def main(argv=None) -> int:
+    """Run the ``otflow`` command line.
+
+    :param argv: the arguments (``sys.argv[1:]`` when None).
+    :returns: the exit status: 0 success, 1 training failed, 2 bad input, 130 interrupted.
+    """
     args = _parser().parse_args(argv)
     handler = {"fit": _cmd_fit, "sample": _cmd_sample, "log-prob": _cmd_log_prob, "plot": _cmd_plot,
                "datasets": _cmd_datasets}[args.command]
     from ..base.errors import OtflowError
-    from .fit import TrainingFailed
+    from .faults import TrainingFailed
 
     try:
         return handler(args)

@@ -20,12 +20,23 @@ SCHEDULES = ("constant", "cosine")
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """Adam or AdamW with linear warm-up, a constant or cosine decay and optional clipping.
+    """Adam (Kingma & Ba 2015) or AdamW (Loshchilov & Hutter 2019) with linear warm-up, a
+    constant or cosine decay and optional clipping; what :func:`otflow.training.make_trainer`
+    builds the framework's optimizer from.
 
-    ``adam`` applies ``weight_decay`` as an L2 term on the gradient (``torch.optim.Adam``);
-    ``adamw`` decouples it (Loshchilov & Hutter 2019). ``clip_norm`` clips the global
-    gradient norm before the update. The cosine schedule decays from ``lr`` to
-    ``lr·min_lr_ratio`` over ``total_iters`` after the warm-up.
+    :param name: ``"adam"`` applies ``weight_decay`` as an L2 term on the gradient (as
+        ``torch.optim.Adam``); ``"adamw"`` decouples it.
+    :param lr: the peak learning rate, positive.
+    :param weight_decay: ≥ 0.
+    :param betas: Adam's moment decays, each in [0, 1).
+    :param eps: Adam's denominator offset.
+    :param clip_norm: clip the global gradient norm to this before the update; None: no clipping.
+    :param warmup: iterations of linear warm-up from ``lr/warmup`` to ``lr``.
+    :param schedule: ``"constant"``, or ``"cosine"``: decay from ``lr`` to ``lr·min_lr_ratio``
+        over ``total_iters`` after the warm-up.
+    :param total_iters: the length of the cosine schedule (``fit`` sets it from ``max_iters``).
+    :param min_lr_ratio: the cosine schedule's floor, as a fraction of ``lr``.
+    :raises ValueError: an unknown name or schedule, or a value out of range.
     """
 
     name: str = "adam"
@@ -59,7 +70,12 @@ class OptimizerSpec:
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
 
     def learning_rate(self, iteration: int) -> float:
-        """The rate at (0-based) ``iteration``."""
+        """The learning rate of an iteration (a host float: passed to the compiled step as a
+        value, it never recompiles anything).
+
+        :param iteration: the 0-based iteration.
+        :returns: the rate.
+        """
         rate = self.lr
         if self.warmup and iteration < self.warmup:
             return rate * (iteration + 1) / self.warmup

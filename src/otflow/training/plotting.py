@@ -26,10 +26,19 @@ def _pyplot():
 
 def plot_flow(flow, path, *, data=None, n_samples: int = 5000, grid: int = 150, seed: int = 0,
               title: str | None = None) -> Path:
-    """Write a PNG summarizing ``flow`` to ``path`` and return the path.
+    """Write a PNG summarizing ``flow``: for 2-D flows the density heat map, samples beside
+    the data, and trajectories from data (t = 0) to the latent (t = T); otherwise samples
+    against data on the first two coordinates and marginal histograms.
 
-    ``data`` (optional, numpy rows) is drawn beside the samples for comparison and sets
-    the plotting range.
+    :param flow: the :class:`~otflow.Flow`.
+    :param path: the PNG file to write (its folder is created).
+    :param data: numpy rows drawn beside the samples for comparison; they set the plotting range.
+    :param n_samples: samples drawn from the flow.
+    :param grid: points per axis of the density heat map (2-D).
+    :param seed: the seed of the samples.
+    :param title: the figure's title.
+    :returns: the path written.
+    :raises ImportError: without matplotlib (``pip install 'otflow[plot]'``).
     """
     plt = _pyplot()
     samples = np.asarray(flow.sample(n_samples, seed=seed))

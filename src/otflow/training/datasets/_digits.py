@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...cnf.objective import bits_per_dim, dequantize, logit_transform
+from ...cnf.objective import bits_per_dim, logit_transform
 from ._split import Split
 from ._toys import _generator
 
@@ -36,13 +36,19 @@ def _sklearn_digits():
 
 def load_digits(*, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                 images: bool = False, return_labels: bool = False):
-    """The 1797 digits as integer levels 0–16, shuffled with ``seed`` and split train/val/test.
+    """The 1797 digits as integer levels 0–16, shuffled and split train/val/test.
 
     With the default fractions the split has 1437 / 180 / 180 images (validation and
-    test sizes are ``round(fraction·1797)``, training takes the rest). Rows are int64
-    vectors of 64 pixels, or ``(1, 8, 8)`` images with ``images=True``. With
-    ``return_labels=True`` the result is ``(split, labels)``, ``labels`` a
-    :class:`Split` of the digit classes in the same order.
+    test sizes are ``round(fraction·1797)``, training takes the rest).
+
+    :param seed: seeds the shuffle.
+    :param fractions: the train, validation and test fractions (non-negative, summing to 1).
+    :param images: rows as ``(1, 8, 8)`` images instead of vectors of 64 pixels.
+    :param return_labels: also return the digit classes.
+    :returns: a :class:`Split` of int64 levels; with ``return_labels``, ``(split, labels)``,
+        ``labels`` a :class:`Split` of the classes in the same order.
+    :raises ValueError: bad fractions.
+    :raises ImportError: without scikit-learn (which ships the digits).
     """
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
@@ -62,49 +68,51 @@ def load_digits(*, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 
     return split
 
 
-class _GeneratorUniform:
-    """The two backend methods :func:`otflow.dequantize` uses, over a numpy Generator as the key."""
-
-    @staticmethod
-    def uniform(key, shape, *, dtype, device=None):
-        return key.random(shape).astype(dtype, copy=False)
-
-    @staticmethod
-    def device_of(x):
-        return None
-
-
 def digits_dequantize(x, *, seed: int | None = None, rng: np.random.Generator | None = None,
                       n_levels: int = DIGITS_LEVELS) -> np.ndarray:
-    """Uniform dequantization: integer levels ``x ∈ {0, …, 16}`` to ``y = (x + u)/17 ∈ [0, 1)``.
+    """Uniform dequantization (Theis, van den Oord & Bethge 2016): integer levels
+    ``x ∈ {0, …, 16}`` to ``y = (x + u)/17 ∈ [0, 1)``, ``u ~ U[0, 1)`` independently per pixel
+    (:func:`otflow.dequantize` on numpy).
 
-    ``u ~ U[0, 1)`` independently per pixel, drawn from ``rng`` or
-    ``numpy.random.default_rng(seed)`` (seed 0 by default). Returns float64.
+    :param x: the levels (any numeric array of integers in range).
+    :param seed: seeds ``numpy.random.default_rng`` (0 when neither ``seed`` nor ``rng`` is given).
+    :param rng: a generator to draw ``u`` from instead (it advances).
+    :param n_levels: the number of levels.
+    :returns: ``y`` as float64, shaped like ``x``.
+    :raises ValueError: values that are not integer levels ``0 … n_levels − 1``.
     """
     x = np.asarray(x)
     if x.size and (not np.all(np.equal(np.mod(x, 1), 0)) or x.min() < 0 or x.max() > n_levels - 1):
         raise ValueError(f"x must hold integer levels 0…{n_levels - 1}")
-    return dequantize(_GeneratorUniform(), _generator(seed, rng), x.astype(np.float64), n_bins=n_levels)
+    u = _generator(seed, rng).random(x.shape)
+    return (x.astype(np.float64) + u) / n_levels
 
 
 def digits_logit(y, *, alpha: float = 1e-6):
-    """``s = logit(α + (1 − 2α)·y)`` and ``log |ds/dy|`` summed per row (:func:`otflow.logit_transform`).
+    """The logit transform of dequantized digits (:func:`otflow.logit_transform`).
 
     A flow trained on ``s`` gives ``log p(y) = log p(s) + log_det``;
     :func:`digits_bits_per_dim` adds ``log_det`` back.
+
+    :param y: dequantized digits in ``[0, 1)``, one row per image.
+    :param alpha: the margin α in ``[0, 0.5)``.
+    :returns: ``(s, log_det)``: ``s = logit(α + (1 − 2α)·y)`` and ``log |ds/dy|`` summed per row.
     """
     return logit_transform(np.asarray(y, dtype=np.float64), alpha=alpha)
 
 
 def digits_bits_per_dim(log_prob, *, log_det=None, dim: int = DIGITS_DIM,
                         n_levels: int = DIGITS_LEVELS) -> np.ndarray:
-    """Bits per pixel of digits from a log-density of the dequantized (and maybe logit) data.
+    """Bits per pixel of digits from a log-density of the dequantized (and maybe logit) data:
+    ``−(log p(y) − 64·log 17)/(64·log 2)`` (:func:`otflow.bits_per_dim` with ``n_bins=17``),
+    an upper bound on the discrete negative log-likelihood; the uniform density gives
+    log₂ 17 ≈ 4.087.
 
-    ``log_prob`` is ``log p(y)`` on ``[0, 1)^64``, or ``log p(s)`` of the logit-transformed
-    data together with the ``log_det`` :func:`digits_logit` returned. The result is
-    ``−(log p(y) − 64·log 17)/(64·log 2)`` (:func:`otflow.bits_per_dim` with
-    ``n_bins=17``): an upper bound on the discrete negative log-likelihood in bits per
-    pixel; the uniform density gives log₂ 17 ≈ 4.087.
+    :param log_prob: ``log p(y)`` on ``[0, 1)^64``, or ``log p(s)`` of the logit-transformed data.
+    :param log_det: with ``log p(s)``, the ``log_det`` :func:`digits_logit` returned.
+    :param dim: pixels per image.
+    :param n_levels: levels per pixel.
+    :returns: bits per pixel, one per row.
     """
     lp = np.asarray(log_prob, dtype=np.float64)
     if log_det is not None:

@@ -51,14 +51,19 @@ def _load_csv(path: Path) -> np.ndarray:
 
 
 def load_array(path, *, key: str | None = None) -> np.ndarray:
-    """A numeric array from ``.npy``, ``.npz`` or ``.csv``.
+    """A numeric array from a ``.npy``, ``.npz`` or ``.csv`` file.
 
     ``.npy``: the stored array (no pickles). ``.npz``: the array named ``key``, else the one
     named ``train``, else the only array in the file. ``.csv``: comma-separated numbers,
     one row per line, read as float64 of shape ``(rows, columns)``; a first line that is
     not all numbers is taken as a header and skipped, and lines starting with ``#`` are
-    comments. A missing file raises ``FileNotFoundError``; an unknown extension,
-    non-numeric content or an ambiguous ``.npz`` raise ``ValueError``.
+    comments.
+
+    :param path: the file (``~`` is expanded).
+    :param key: the array to read from a ``.npz`` file.
+    :returns: the array.
+    :raises FileNotFoundError: no such file.
+    :raises ValueError: an unknown extension, non-numeric content, or an ambiguous ``.npz``.
     """
     path = Path(os.fspath(path)).expanduser()
     suffix = path.suffix.lower()

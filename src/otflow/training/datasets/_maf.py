@@ -97,6 +97,13 @@ def load_power(root, *, dtype=np.float32) -> Split:
     (``0.01·U`` to the voltage column, then ``0.001·U`` to the first column, then ``U`` to
     the three sub-metering columns, none to the time column); the last 10 % is test, the
     last 10 % of the rest validation; all standardized by the mean and std of train+val.
+
+    :param root: the folder holding MAF's data sets (Papamakarios et al. 2017; the files of
+        ``MAF_ZENODO_URL``).
+    :param dtype: the dtype of the returned arrays.
+    :returns: the train, validation and test arrays.
+    :raises FileNotFoundError: a missing file.
+    :raises ValueError: a file whose contents do not have MAF's layout.
     """
     data = np.load(_path(root, "power")).astype(np.float64)
     if data.ndim != 2 or data.shape[1] != 8:
@@ -122,6 +129,13 @@ def load_gas(root, *, dtype=np.float32) -> Split:
     with another, the first such column is dropped (and the correlations recomputed);
     everything is standardized with the mean and sample std (ddof = 1) of the whole set;
     the last 10 % is test, the last 10 % of the rest validation (no shuffling).
+
+    :param root: the folder holding MAF's data sets (Papamakarios et al. 2017; the files of
+        ``MAF_ZENODO_URL``).
+    :param dtype: the dtype of the returned arrays.
+    :returns: the train, validation and test arrays.
+    :raises FileNotFoundError: a missing file.
+    :raises ValueError: a file whose contents do not have MAF's layout.
     """
     pd = _need("pandas", "GAS (reading root/gas/ethylene_CO.pickle)")
     data = pd.read_pickle(_path(root, "gas"))
@@ -160,6 +174,13 @@ def load_hepmass(root, *, dtype=np.float32) -> Split:
     file); both are standardized with the training mean and sample std (ddof = 1);
     features whose smallest training value occurs more than 5 times are dropped; the
     last 10 % of the training rows become validation.
+
+    :param root: the folder holding MAF's data sets (Papamakarios et al. 2017; the files of
+        ``MAF_ZENODO_URL``).
+    :param dtype: the dtype of the returned arrays.
+    :returns: the train, validation and test arrays.
+    :raises FileNotFoundError: a missing file.
+    :raises ValueError: a file whose contents do not have MAF's layout.
     """
     train = _read_csv(_path(root, "hepmass", 0))
     test = _read_csv(_path(root, "hepmass", 1))
@@ -192,6 +213,13 @@ def load_miniboone(root, *, dtype=np.float32) -> Split:
     are dropped (the published file has had this done already, so it keeps its 43
     columns); the last 10 % is test, the last 10 % of the rest validation; all
     standardized by the mean and std of train+val.
+
+    :param root: the folder holding MAF's data sets (Papamakarios et al. 2017; the files of
+        ``MAF_ZENODO_URL``).
+    :param dtype: the dtype of the returned arrays.
+    :returns: the train, validation and test arrays.
+    :raises FileNotFoundError: a missing file.
+    :raises ValueError: a file whose contents do not have MAF's layout.
     """
     data = np.load(_path(root, "miniboone")).astype(np.float64)
     if data.ndim != 2:
@@ -206,6 +234,13 @@ def load_bsds300(root, *, dtype=np.float32) -> Split:
     ``root/BSDS300/BSDS300.hdf5`` holds the datasets ``train``, ``validation`` and
     ``test``, already preprocessed by the MAF authors (the last pixel of each patch
     dropped); they are returned as stored.
+
+    :param root: the folder holding MAF's data sets (Papamakarios et al. 2017; the files of
+        ``MAF_ZENODO_URL``).
+    :param dtype: the dtype of the returned arrays.
+    :returns: the train, validation and test arrays.
+    :raises FileNotFoundError: a missing file.
+    :raises ValueError: a file whose contents do not have MAF's layout.
     """
     h5py = _need("h5py", "BSDS300 (reading root/BSDS300/BSDS300.hdf5)")
     with h5py.File(_path(root, "bsds300"), "r") as f:
@@ -218,7 +253,14 @@ _LOADERS = {"power": load_power, "gas": load_gas, "hepmass": load_hepmass, "mini
 
 
 def load_maf(name: str, root, *, dtype=np.float32) -> Split:
-    """One of the MAF benchmarks by name: ``power``, ``gas``, ``hepmass``, ``miniboone``, ``bsds300``."""
+    """One of the MAF benchmarks (Papamakarios et al. 2017) by name.
+
+    :param name: ``power``, ``gas``, ``hepmass``, ``miniboone`` or ``bsds300`` (any case).
+    :param root: the folder holding the data sets.
+    :param dtype: the dtype of the returned arrays.
+    :returns: the train, validation and test arrays (see each ``load_*``).
+    :raises ValueError: an unknown name (naming the nearest), or a file not in MAF's layout.
+    """
     key = name.lower() if isinstance(name, str) else name
     if key not in _LOADERS:
         raise ValueError(unknown_option_message("MAF dataset", str(name), _LOADERS))

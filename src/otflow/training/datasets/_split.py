@@ -10,7 +10,12 @@ __all__ = ["Split"]
 
 @dataclass(frozen=True)
 class Split:
-    """Three arrays with one row per example; unpacks as ``train, val, test = split``."""
+    """Three arrays with one row per example; unpacks as ``train, val, test = split``.
+
+    :ivar train: the training rows.
+    :ivar val: the validation rows.
+    :ivar test: the test rows.
+    """
 
     train: np.ndarray
     val: np.ndarray

@@ -39,9 +39,12 @@ CHECKERBOARD_LOG_DENSITY = -math.log(32.0)
 class DatasetInfo:
     """What is known about a toy distribution.
 
-    ``density_known`` says whether :func:`true_log_prob` has it in closed form; ``entropy``
-    (nats) is its differential entropy when known, else ``None``, and ``entropy_method``
-    says how that number was obtained.
+    :ivar name: the toy's name.
+    :ivar dim: its dimension (2).
+    :ivar description: the formula it is drawn from.
+    :ivar density_known: whether :func:`true_log_prob` has its density in closed form.
+    :ivar entropy: its differential entropy in nats when known, else None.
+    :ivar entropy_method: how that number was obtained, else None.
     """
 
     name: str
@@ -211,7 +214,10 @@ _TOYS: dict[str, _Toy] = {
 
 
 def names() -> tuple[str, ...]:
-    """The names of the 2-D toy distributions :func:`sample` draws from."""
+    """The names of the 2-D toy distributions (FFJORD's, Grathwohl et al. 2019, and more).
+
+    :returns: the names :func:`sample` accepts.
+    """
     return tuple(_TOYS)
 
 
@@ -222,7 +228,12 @@ def _toy(name: str) -> _Toy:
 
 
 def info(name: str) -> DatasetInfo:
-    """Dimension, formula, and the true entropy when the density is known in closed form."""
+    """What is known about the toy ``name``.
+
+    :param name: one of :func:`names`.
+    :returns: its :class:`DatasetInfo` (dimension, formula, the true entropy when known).
+    :raises ValueError: an unknown name (naming the nearest).
+    """
     toy = _toy(name)
     return DatasetInfo(
         name=name, dim=2, description=toy.description, density_known=toy.log_prob is not None,
@@ -241,11 +252,16 @@ def _generator(seed, rng) -> np.random.Generator:
 
 
 def sample(name: str, n: int, *, seed: int | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
-    """``n`` independent points of the toy ``name`` as a float64 array of shape ``(n, 2)``.
+    """``n`` independent points of the toy ``name``.
 
-    Draws come from ``rng`` when given (it advances), else from
-    ``numpy.random.default_rng(seed)`` with ``seed`` 0 by default: the same seed gives
-    the same points.
+    :param name: one of :func:`names`.
+    :param n: the number of points, ≥ 0.
+    :param seed: seeds ``numpy.random.default_rng`` (0 when neither ``seed`` nor ``rng`` is
+        given): the same seed gives the same points.
+    :param rng: a generator to draw from instead (it advances).
+    :returns: a float64 array of shape ``(n, 2)``.
+    :raises ValueError: an unknown name or a negative ``n``.
+    :raises TypeError: a non-integer ``n``, or both ``seed`` and ``rng``.
     """
     toy = _toy(name)
     try:
@@ -259,10 +275,14 @@ def sample(name: str, n: int, *, seed: int | None = None, rng: np.random.Generat
 
 
 def true_log_prob(name: str, x) -> np.ndarray:
-    """The true log-density of the toy ``name`` at points ``x`` of shape ``(..., 2)``.
+    """The true log-density of the toy ``name``.
 
-    Known for ``checkerboard`` (log 1/32 on the support, −inf off it) and ``8gaussians``;
-    for the other toys it has no closed form and this raises ``ValueError``.
+    Known for ``checkerboard`` (log 1/32 on the support, −inf off it) and ``8gaussians``.
+
+    :param name: a toy whose density is known.
+    :param x: points of shape ``(..., 2)``.
+    :returns: the log-densities, shape ``x.shape[:-1]``.
+    :raises ValueError: a toy without a closed-form density, or points not of shape ``(..., 2)``.
     """
     toy = _toy(name)
     if toy.log_prob is None:
@@ -275,10 +295,13 @@ def true_log_prob(name: str, x) -> np.ndarray:
 
 
 def true_entropy(name: str) -> float | None:
-    """The differential entropy (nats) of the toy ``name``, or ``None`` when its density is not known.
+    """The differential entropy of the toy ``name``: the lowest NLL a model can reach.
 
     ``checkerboard``: log 32 = 3.4657; ``8gaussians``: 2.83188 (quadrature, see :func:`info`).
-    An unknown name raises ``ValueError``.
+
+    :param name: one of :func:`names`.
+    :returns: the entropy in nats, or None when the density is not known.
+    :raises ValueError: an unknown name.
     """
     toy = _toy(name)
     return toy.entropy() if toy.entropy is not None else None
