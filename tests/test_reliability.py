@@ -722,3 +722,13 @@ def test_fit_option_validation_any_value(options):
         json.dumps(dataclasses.asdict(opts), allow_nan=False)
     else:
         assert any(name in str(e) for name in options) or "option" in str(e), str(e)
+
+
+def test_file_format_keeps_every_array_shape(tmp_path):
+    """0-d arrays (Adam's step count, a scalar T) come back 0-d, not as shape (1,)."""
+    arrays = {"count": np.asarray(7, dtype=np.int32), "scalar": np.asarray(0.5), "matrix": np.ones((2, 3))}
+    path = write_file(tmp_path / "shapes.safetensors", arrays, {"kind": "test"})
+    back, header = read_file(path)
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in arrays.items()}
+    assert {k: v.dtype for k, v in back.items()} == {k: v.dtype for k, v in arrays.items()}
+    assert header["kind"] == "test" and back["count"] == 7

@@ -12,10 +12,10 @@ from .base import (Backend, BackendUnavailable, CapabilityError, MaxStepsReached
                    SolverError, Status, StepSizeUnderflow, available_backends, get_backend, infer_backend)
 from .cnf import (MLP, DivergenceEstimate, Flow, FunctionField, RNODELoss, SolverOptions, VelocityField, bits_per_dim,
                   dequantize, estimate_divergence, exact_divergence, hutchinson_divergence, hutchplusplus_divergence,
-                  load, logit_transform, probe_vjp, rnode_loss)
+                  load, logit_transform, native_field, probe_vjp, register_native_field, rnode_loss)
 from .ode import (RK4, Adjoint, AdjointStats, ButcherTableau, Dopri5, ErrorNorm, Euler, GradientCheck, Midpoint,
                   PIController, Solution, Stats, adjoint_counter, adjoint_stats, check_gradients, odeint)
-from .training import FitOptions, OptimizerSpec, TrainingFailed, datasets, fit
+from .training import FitOptions, OptimizerSpec, Trainer, TrainingFailed, datasets, fit, make_trainer, register_trainer
 
 # module paths of the first release, kept as aliases of their homes in the layers
 for _old, _new in (("backend", base), ("solvers", ode.solvers), ("datasets", training.datasets),
@@ -40,6 +40,11 @@ __all__ = [
     "probe_vjp",
     "datasets",
     "fit",
+    "make_trainer",
+    "register_trainer",
+    "Trainer",
+    "native_field",
+    "register_native_field",
     "load",
     "FitOptions",
     "OptimizerSpec",

@@ -128,7 +128,8 @@ def write_file(path, arrays: dict[str, np.ndarray], header: dict) -> Path:
         raise IsADirectoryError(f"{str(path)!r} is a folder; give a file name such as model.safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": _MAGIC, "format_version": str(FORMAT_VERSION), "header": json.dumps(header)}
-    payload = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
+    # np.ascontiguousarray makes 0-d arrays 1-d; keep every array's own shape
+    payload = save({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in arrays.items()}, metadata=meta)
     # O_EXCL with a random name, as mkstemp, but with the umask's permissions (mkstemp's 0600
     # would make every saved model private)
     tmp = str(path.parent / f"{_temporary_prefix(path)}{os.getpid()}.{secrets.token_hex(6)}.tmp")

@@ -88,7 +88,7 @@ def _load_data(spec: str, n: int = 5000, seed: int = 12345) -> np.ndarray:
 
 def _cmd_fit(args) -> int:
     from .checkpoint import jsonable
-    from .fit import fit
+    from .loop import fit
 
     options = {k: getattr(args, k) for k in _FIT_FLAGS if getattr(args, k) is not None}
     for item in args.set:
