@@ -211,3 +211,22 @@ def autodiff_backend(backend_id):
 def device(backend_id, backend):
     """The device the current entry computes on: pass it to ``asarray`` and the draws."""
     return backend.device("gpu" if backend_id.on_gpu else "cpu")
+
+
+@pytest.fixture
+def wrap_trainer():
+    """``wrap_trainer(name, wrap)``: otflow.fit's trainers on backend ``name`` become ``wrap(trainer)``
+    for this test (through ``otflow.training.register_trainer``)."""
+    saved = {}
+
+    def install(name, wrap):
+        from otflow.training import register_trainer, trainer_factory
+
+        original = saved.setdefault(name, trainer_factory(name))
+        register_trainer(name, lambda *args: wrap(original(*args)))
+
+    yield install
+    from otflow.training import register_trainer
+
+    for name, factory in saved.items():
+        register_trainer(name, factory)

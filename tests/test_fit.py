@@ -18,7 +18,7 @@ import otflow
 from _helpers import backend_available as _has
 from otflow import datasets
 from otflow.cnf.serialize import read_file
-from otflow.training import OptimizerSpec, make_trainer, register_trainer, trainer_factory
+from otflow.training import OptimizerSpec, make_trainer, register_trainer
 from otflow.training.checkpoint import jsonable
 
 
@@ -122,21 +122,6 @@ class CrashingTrainer:
 
     def __getattr__(self, name):
         return getattr(self.trainer, name)
-
-
-@pytest.fixture
-def wrap_trainer():
-    """``wrap_trainer(name, wrap)``: fit's trainers on backend ``name`` become ``wrap(trainer)``
-    for this test."""
-    saved = {}
-
-    def install(name, wrap):
-        original = saved.setdefault(name, trainer_factory(name))
-        register_trainer(name, lambda *args: wrap(original(*args)))
-
-    yield install
-    for name, factory in saved.items():
-        register_trainer(name, factory)
 
 
 def _without_seconds(history):

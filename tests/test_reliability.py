@@ -39,7 +39,6 @@ from hypothesis.extra import numpy as hnp
 import otflow
 from otflow import Flow, FitOptions, TrainingFailed
 from otflow.cnf.serialize import ModelFileError, read_file, write_file
-from otflow.training import register_trainer, trainer_factory
 from _helpers import framework_installed, gpu_present
 
 HAS_TORCH = framework_installed("torch")
@@ -330,21 +329,6 @@ class FaultyTrainer:
 
     def __getattr__(self, name):
         return getattr(self.trainer, name)
-
-
-@pytest.fixture
-def wrap_trainer():
-    """``wrap_trainer(name, wrap)``: fit's trainers on backend ``name`` become ``wrap(trainer)``
-    for this test (through ``otflow.training.register_trainer``)."""
-    saved = {}
-
-    def install(name, wrap):
-        original = saved.setdefault(name, trainer_factory(name))
-        register_trainer(name, lambda *args: wrap(original(*args)))
-
-    yield install
-    for name, factory in saved.items():
-        register_trainer(name, factory)
 
 
 @pytest.mark.parametrize("backend", TRAIN_BACKENDS)
