@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from otflow.base import Backend, BackendUnavailable, check_loop_kind, unknown_option_message
+from otflow.base import Backend, BackendUnavailable, check_loop_kind, conv2d_geometry, unknown_option_message
 
 from . import _loops
 
@@ -63,6 +63,9 @@ def _match_cotangent(ct, spec):
     return ct.astype(spec.dtype)
 
 
+#: ``conv2d``'s layouts: images (N, C, H, W), kernels (C_out, C_in, kH, kW), output (N, C, H, W)
+_CONV2D_LAYOUT = ("NCHW", "OIHW", "NCHW")
+
 #: fixed trip counts up to this are unrolled by ``fori_loop``
 UNROLL_LIMIT = 16
 
@@ -82,6 +85,7 @@ class JaxBackend(Backend):
     has_vmap = True
     eager = False
     reverse_loop_kinds = ("bounded", "checkpointed")
+    has_conv = True
 
     # ---- arrays, dtypes and devices ---------------------------------------------------
     def namespace(self):
@@ -277,6 +281,20 @@ class JaxBackend(Backend):
 
     def checkpoint(self, f: Callable) -> Callable:
         return jax.checkpoint(f)
+
+    # ---- convolution ----------------------------------------------------------------------
+    def conv2d(self, x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1):
+        """``lax.conv_general_dilated`` in NCHW / OIHW layout (``rhs_dilation=dilation``,
+        ``feature_group_count=groups``) on arguments checked by
+        :func:`~otflow.base.conv2d_geometry`; see :meth:`Backend.conv2d`."""
+        geometry = conv2d_geometry(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
+                                   groups=groups)
+        out = lax.conv_general_dilated(x, weight, window_strides=geometry.stride, padding=geometry.padding,
+                                       rhs_dilation=geometry.dilation, dimension_numbers=_CONV2D_LAYOUT,
+                                       feature_group_count=geometry.groups)
+        if bias is None:
+            return out
+        return out + jnp.reshape(bias, (1, -1, 1, 1))
 
     # ---- random keys --------------------------------------------------------------------
     def key(self, seed: int):

@@ -7,9 +7,10 @@ from typing import Callable, Sequence, final
 import array_api_compat.torch as _xp
 import numpy as np
 import torch
+import torch.nn.functional
 import torch.utils.checkpoint
 
-from otflow.base import Backend, BackendUnavailable, make_key, split_key, unknown_option_message
+from otflow.base import Backend, BackendUnavailable, conv2d_geometry, make_key, split_key, unknown_option_message
 
 from ._autodiff import (autograd_vjp, custom_vjp, detach, func_jvp, func_vjp, is_wrapped, under_transform,
                         value_and_grad)
@@ -36,6 +37,7 @@ class TorchBackend(Backend):
     has_vmap = True
     reverse_loop_kinds = ("forward", "bounded", "checkpointed")
     eager = True
+    has_conv = True
 
     def __init__(self, *, vjp_impl: str = "autograd"):
         if vjp_impl not in _VJP_IMPLS:
@@ -174,6 +176,20 @@ class TorchBackend(Backend):
             return torch.utils.checkpoint.checkpoint(f, *args, use_reentrant=False, **kwargs)
 
         return checkpointed
+
+    # ---- convolution -------------------------------------------------------------------
+    def conv2d(self, x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1):
+        """``torch.nn.functional.conv2d`` on arguments checked by
+        :func:`~otflow.base.conv2d_geometry`; see :meth:`Backend.conv2d`. For an
+        even kernel, ``"same"`` puts the odd zero at the bottom and right, as torch does."""
+        geometry = conv2d_geometry(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
+                                   groups=groups)
+        (top, bottom), (left, right) = geometry.padding
+        if top != bottom or left != right:
+            x = torch.nn.functional.pad(x, (left, right, top, bottom))
+            top = left = 0
+        return torch.nn.functional.conv2d(x, weight, bias, stride=geometry.stride, padding=(top, left),
+                                          dilation=geometry.dilation, groups=geometry.groups)
 
     # ---- random keys ---------------------------------------------------------------------
     def key(self, seed: int) -> int:

@@ -7,7 +7,7 @@ Errors and the solver status enum (:mod:`.errors`), keyword and option checking
 (:mod:`.reference`) and integer random keys for backends without a functional RNG
 (:mod:`.keys`). It imports nothing from the other layers.
 """
-from .backend import LOOP_KINDS, Backend, check_loop_kind
+from .backend import LOOP_KINDS, Backend, Conv2dGeometry, check_loop_kind, conv2d_geometry
 from .errors import (BackendUnavailable, CapabilityError, MaxStepsReached, NonFiniteState, OtflowError, SolverError,
                      Status, StepSizeUnderflow)
 from .keys import make_key, split_key
@@ -17,7 +17,7 @@ from .registry import available_backends, default_backend, get_backend, infer_ba
 from .tree import TreeDef, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 __all__ = [
-    "Backend", "LOOP_KINDS", "check_loop_kind", "ReferenceBackend",
+    "Backend", "LOOP_KINDS", "check_loop_kind", "Conv2dGeometry", "conv2d_geometry", "ReferenceBackend",
     "available_backends", "default_backend", "get_backend", "infer_backend", "register_backend",
     "make_key", "split_key",
     "BackendUnavailable", "CapabilityError", "MaxStepsReached", "NonFiniteState", "OtflowError", "SolverError",

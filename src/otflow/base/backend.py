@@ -25,14 +25,14 @@ Conventions every backend follows (the conformance suite in
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 
 from . import tree as _tree
 from .errors import CapabilityError
 
-__all__ = ["Backend", "LOOP_KINDS", "check_loop_kind"]
+__all__ = ["Backend", "LOOP_KINDS", "check_loop_kind", "Conv2dGeometry", "conv2d_geometry"]
 
 #: Kinds of ``while_loop``:
 #: ``"forward"`` — may only be forward-differentiated (JAX's lax.while_loop);
@@ -61,6 +61,8 @@ class Backend(abc.ABC):
     reverse_loop_kinds: ClassVar[tuple[str, ...]] = ()
     #: eager execution: Python control flow on array values is allowed
     eager: ClassVar[bool] = True
+    #: ``conv2d`` works, so convolutional velocity fields can run
+    has_conv: ClassVar[bool] = False
 
     # ---- arrays and devices -------------------------------------------------------------
     @abc.abstractmethod
@@ -186,6 +188,47 @@ class Backend(abc.ABC):
         """``x`` with no gradient flowing through it (a tree in, a tree out)."""
         return x
 
+    # ---- convolution (the array API has none) ---------------------------------------------
+    def conv2d(self, x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1):
+        """2-D cross-correlation of a batch of images, the layer of convolutional velocity fields.
+
+        FFJORD's multiscale image flows (Grathwohl et al., ICLR 2019), which RNODE trains
+        (Finlay et al., ICML 2020), use small convolutional networks as velocity fields; the
+        array API has no convolution, so the backend supplies it. It is cross-correlation
+        (the kernel is not flipped), as ``torch.nn.functional.conv2d`` and
+        ``jax.lax.conv_general_dilated`` compute it: for output channel ``o`` of group ``g``,
+        ``out[n, o, i, j] = bias[o] + sum over c, p, q of weight[o, c, p, q] *
+        x_padded[n, g * C_in // groups + c, i * stride_h + p * dilation_h, j * stride_w + q * dilation_w]``.
+        Backends with ``has_conv`` differentiate it (``vjp``, ``jvp``, ``vmap``) and compile it
+        (``jit``). On GPUs, float32 follows the framework's default precision (torch's cuDNN and
+        XLA may use TF32).
+
+        :param x: images of shape ``(N, C_in, H, W)``.
+        :param weight: kernels of shape ``(C_out, C_in // groups, kH, kW)``, of ``x``'s dtype.
+        :param bias: ``(C_out,)`` added to every output pixel, of ``x``'s dtype, or None.
+        :param stride: the step between windows, an int or a ``(height, width)`` pair, at least 1.
+        :param padding: zeros added around ``x``: an int or a ``(height, width)`` pair (on both
+            sides), ``"valid"`` (none) or ``"same"`` (stride 1 only; the output has the input's
+            size: ``dilation * (k - 1)`` zeros per axis, split evenly, the odd one at the bottom
+            or right for an even kernel, as torch and XLA do).
+        :param dilation: the spacing of kernel taps, an int or a ``(height, width)`` pair, at least 1.
+        :param groups: the channels are split into this many groups convolved separately; it
+            divides ``C_in`` and ``C_out``.
+        :returns: an array of shape ``(N, C_out, H_out, W_out)`` in ``x``'s dtype, with
+            ``H_out = (H + pad_top + pad_bottom - dilation_h * (kH - 1) - 1) // stride_h + 1``
+            (likewise ``W_out``).
+        :raises CapabilityError: on a backend without convolution (``has_conv`` is False: the
+            numpy and array-api-strict reference backends); use ``backend="torch"`` or ``"jax"``.
+        :raises ValueError: wrong ranks, channel counts, groups, bias shape, stride, padding or
+            dilation, or a kernel larger than the padded image (see :func:`conv2d_geometry`).
+        :raises TypeError: ``weight`` or ``bias`` has a dtype other than ``x``'s.
+        """
+        raise CapabilityError(
+            f"the {self.name!r} backend has no 2-D convolution (has_conv is False), so it cannot run "
+            "convolutional velocity fields; use backend='torch' or backend='jax' "
+            "(pip install 'otflow[torch]' or 'otflow[jax]')."
+        )
+
     def vmap(self, f: Callable, in_axes=0, out_axes=0) -> Callable:
         """Vectorize ``f`` over an axis of its (array) arguments. Default: a Python loop."""
         xp = self.namespace()
@@ -262,3 +305,119 @@ def check_loop_kind(kind: str, max_steps: int | None) -> None:
     if kind != "forward" and max_steps is None:
         raise ValueError(f"a {kind!r} while_loop needs max_steps")
 
+
+class Conv2dGeometry(NamedTuple):
+    """A checked :meth:`Backend.conv2d` call, every spatial setting resolved to pairs."""
+
+    #: ``(height, width)`` steps between windows
+    stride: tuple[int, int]
+    #: ``((top, bottom), (left, right))`` zeros added around the image
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    #: ``(height, width)`` spacing of the kernel taps
+    dilation: tuple[int, int]
+    #: number of channel groups
+    groups: int
+    #: ``(N, C_out, H_out, W_out)``
+    out_shape: tuple[int, int, int, int]
+
+
+def conv2d_geometry(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1) -> Conv2dGeometry:
+    """Check the arguments of :meth:`Backend.conv2d` and resolve them to pairs.
+
+    Backends implementing ``conv2d`` call it first, so every backend refuses the same
+    input with the same message. It reads only shapes and dtypes (never values), so it
+    works on tracers and costs no device work.
+
+    :param x: images ``(N, C_in, H, W)``.
+    :param weight: kernels ``(C_out, C_in // groups, kH, kW)``.
+    :param bias: ``(C_out,)`` or None.
+    :param stride: as in :meth:`Backend.conv2d`.
+    :param padding: as in :meth:`Backend.conv2d`.
+    :param dilation: as in :meth:`Backend.conv2d`.
+    :param groups: as in :meth:`Backend.conv2d`.
+    :returns: the resolved :class:`Conv2dGeometry`.
+    :raises ValueError: a wrong rank, channel count, groups, bias shape, stride, padding or
+        dilation, or a kernel that does not fit in the padded image.
+    :raises TypeError: ``weight`` or ``bias`` has a dtype other than ``x``'s, or a setting is
+        not an int.
+    """
+    _check_conv2d_shapes(tuple(x.shape), tuple(weight.shape), None if bias is None else tuple(bias.shape), groups)
+    _check_conv2d_dtypes(x, weight, bias)
+    stride_hw = _conv2d_pair("stride", stride, minimum=1)
+    dilation_hw = _conv2d_pair("dilation", dilation, minimum=1)
+    kernel_hw = tuple(weight.shape[2:])
+    padding_hw = _conv2d_padding(padding, kernel_hw, dilation_hw, stride_hw)
+    out_hw = tuple(_conv2d_out_size(axis, x.shape[2 + i], padding_hw[i], kernel_hw[i], stride_hw[i], dilation_hw[i])
+                   for i, axis in enumerate(("height", "width")))
+    return Conv2dGeometry(stride_hw, padding_hw, dilation_hw, groups, (x.shape[0], weight.shape[0], *out_hw))
+
+
+def _check_conv2d_shapes(x_shape, weight_shape, bias_shape, groups) -> None:
+    if len(x_shape) != 4:
+        raise ValueError(f"conv2d: x must have shape (N, C_in, H, W), got shape {x_shape}; give a single image "
+                         "a batch axis of length 1")
+    if len(weight_shape) != 4 or min(weight_shape[2:]) < 1:
+        raise ValueError(f"conv2d: weight must have shape (C_out, C_in // groups, kH, kW) with kH, kW >= 1, "
+                         f"got shape {weight_shape}")
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
+        raise TypeError(f"conv2d: groups must be an int, got {groups!r}")
+    c_in, (c_out, c_per_group) = x_shape[1], weight_shape[:2]
+    if groups < 1 or c_in % groups or c_out % groups:
+        raise ValueError(f"conv2d: groups={groups} must be at least 1 and divide both the input channels "
+                         f"({c_in}) and the output channels ({c_out})")
+    if c_per_group * groups != c_in:
+        raise ValueError(f"conv2d: x has {c_in} channels but weight of shape {weight_shape} with groups={groups} "
+                         f"expects {c_per_group * groups}; weight's second axis must be C_in // groups = "
+                         f"{c_in // groups}")
+    if bias_shape is not None and bias_shape != (c_out,):
+        raise ValueError(f"conv2d: bias must have shape (C_out,) = ({c_out},), got shape {bias_shape}")
+
+
+def _check_conv2d_dtypes(x, weight, bias) -> None:
+    for name, array in (("weight", weight), ("bias", bias)):
+        if array is not None and array.dtype != x.dtype:
+            raise TypeError(f"conv2d: {name} has dtype {array.dtype} but x has {x.dtype}; cast one of them "
+                            "(backend.asarray(array, dtype=...)) so that all three agree")
+
+
+def _conv2d_pair(name: str, value, *, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each at least ``minimum``, as a ``(height, width)`` pair."""
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    wanted = f"conv2d: {name} must be an int >= {minimum} or a (height, width) pair of them, got {value!r}"
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in pair):
+        raise TypeError(wanted)
+    if min(pair) < minimum:
+        raise ValueError(wanted)
+    return int(pair[0]), int(pair[1])
+
+
+_PADDING_MODES = ("same", "valid")
+
+
+def _conv2d_padding(padding, kernel_hw, dilation_hw, stride_hw) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((top, bottom), (left, right))`` zeros for a padding spec."""
+    if not isinstance(padding, str):
+        pad_h, pad_w = _conv2d_pair("padding", padding, minimum=0)
+        return (pad_h, pad_h), (pad_w, pad_w)
+    if padding not in _PADDING_MODES:
+        from .options import unknown_option_message
+
+        raise ValueError("conv2d: " + unknown_option_message("padding", padding, _PADDING_MODES)
+                         + " Or give an int or a (height, width) pair.")
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if stride_hw != (1, 1):
+        raise ValueError(f"conv2d: padding='same' needs stride 1 (got stride={stride_hw}): only then does the "
+                         "output keep the input's size; give the padding as numbers instead, e.g. padding=k // 2")
+    totals = [d * (k - 1) for k, d in zip(kernel_hw, dilation_hw)]
+    (top, left) = (t // 2 for t in totals)
+    return (top, totals[0] - top), (left, totals[1] - left)
+
+
+def _conv2d_out_size(axis: str, size: int, pads: tuple[int, int], kernel: int, stride: int, dilation: int) -> int:
+    span = dilation * (kernel - 1) + 1
+    padded = size + pads[0] + pads[1]
+    if padded < span:
+        raise ValueError(f"conv2d: along the {axis} the kernel spans {span} pixels (size {kernel}, dilation "
+                         f"{dilation}) but the padded image has only {padded}; pad more or use a smaller kernel")
+    return (padded - span) // stride + 1
