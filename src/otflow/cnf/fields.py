@@ -254,6 +254,12 @@ def field_from_config(cfg: dict) -> VelocityField:
         cfg["event_shape"] = tuple(cfg["event_shape"])
         cfg["hidden"] = tuple(cfg["hidden"])
         return MLP(**cfg)
+    if kind == "ConvField":
+        from .conv_field import ConvField  # conv_field imports this module
+
+        cfg["event_shape"] = tuple(cfg["event_shape"])
+        cfg["widths"] = tuple(cfg["widths"])
+        return ConvField(**cfg)
     raise ValueError(f"cannot rebuild a velocity field of type {kind!r}")
 
 
