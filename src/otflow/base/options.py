@@ -21,23 +21,33 @@ def unknown_option_message(kind: str, name: str, choices: Iterable[str]) -> str:
     return f"unknown {kind} {name!r}.{hint} Valid: {', '.join(map(repr, choices))}."
 
 
-def reject_unknown_keywords(fn):
+def reject_unknown_keywords(fn=None, *, replaced: dict[str, str] | None = None):
     """Decorator: a misspelled keyword raises TypeError naming the nearest valid one.
 
-    The decorated function keeps its signature (for docs and introspection); the check
-    costs one set lookup per call.
+    Used bare (``@reject_unknown_keywords``) or with the keywords of earlier releases and
+    what replaced them (``@reject_unknown_keywords(replaced={"old": "new=..."})``): such a
+    keyword raises TypeError naming its replacement. The decorated function keeps its
+    signature (for docs and introspection); the check costs one set lookup per keyword.
+
+    :param fn: the function (when used bare).
+    :param replaced: old keyword → the text naming what replaced it.
+    :returns: the checking wrapper, or a decorator making one.
     """
+    if fn is None:
+        return lambda f: reject_unknown_keywords(f, replaced=replaced)
     sig = inspect.signature(fn)
     names = {p.name for p in sig.parameters.values()
              if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     has_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    replaced = dict(replaced or {})
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if not has_var_kw:
-            for k in kwargs:
-                if k not in names:
-                    raise TypeError(f"{fn.__qualname__}(): " + unknown_option_message("keyword argument", k, names))
+        for k in kwargs:
+            if k in replaced:
+                raise TypeError(f"{fn.__qualname__}(): {k}= was replaced by {replaced[k]}")
+            if not has_var_kw and k not in names:
+                raise TypeError(f"{fn.__qualname__}(): " + unknown_option_message("keyword argument", k, names))
         return fn(*args, **kwargs)
 
     return wrapper

@@ -28,7 +28,7 @@ import numpy as np
 from ..base import Backend, default_backend, get_backend
 from ..base.errors import SolverError, Status
 from ..base.options import reject_unknown_keywords, unknown_option_message
-from ..ode.integrate import DEFAULT_MAX_STEPS, odeint, raise_for_status, resolve_solver
+from ..ode.integrate import DEFAULT_MAX_STEPS, fixed_step_count, odeint, raise_for_status, resolve_solver
 from ..ode.solvers import SOLVERS
 from .dynamics import DENSITY_NORM, density_rhs, flow_rhs, standard_normal_logpdf, time_span
 from .fields import FunctionField, VelocityField, _as_event_shape, field_from_config, native_field
@@ -52,18 +52,9 @@ def _check_output(output) -> str:
     return output
 
 
-def _refuse_numpy_keyword(method):
-    """``sample(numpy=...)`` of earlier versions: a TypeError naming the replacement."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if "numpy" in kwargs:
-            raise TypeError("Flow.sample(numpy=...) was removed: the flow's output setting decides the array type "
-                            "of every evaluation method. For the backend's arrays use "
-                            "flow.with_output('native').sample(n) (or build the flow with output='native').")
-        return method(self, *args, **kwargs)
-
-    return wrapper
+#: ``sample(numpy=...)`` of earlier versions and what replaced it
+_SAMPLE_REPLACED = {"numpy": "the flow's output setting, which decides the array type of every evaluation "
+                             "method: flow.with_output('native').sample(n) (or build the flow with output='native')"}
 
 
 @dataclass(frozen=True)
@@ -441,7 +432,7 @@ class Flow:
         if options.is_adaptive() or options.step_size is None:
             return (kw,) * len(self.fields)
         del kw["step_size"]
-        return tuple(dict(kw, n_steps=_fixed_step_count(t, options.step_size)) for t in self.T)
+        return tuple(dict(kw, n_steps=fixed_step_count(t, options.step_size)) for t in self.T)
 
     def _compiled_fn(self, kind: str):
         """The chunk function of ``kind``: ``fn(params, T, x) -> (out, status, nfe)``,
@@ -570,8 +561,7 @@ class Flow:
         zb = self._input(z, "z")
         return self._output(self._unstandardize(self._run_chunked("inverse", zb, batch_size, on_failure)))
 
-    @_refuse_numpy_keyword
-    @reject_unknown_keywords
+    @reject_unknown_keywords(replaced=_SAMPLE_REPLACED)
     def sample(self, n: int, *, seed: int = 0, batch_size: int | None = None):
         """``n`` samples: standard normal draws pushed through the inverse flow.
 
@@ -690,11 +680,6 @@ def _ignore_params(velocity):
         return velocity(t, x)
 
     return apply
-
-
-def _fixed_step_count(span: float, step_size: float) -> int:
-    """Equal steps covering ``span`` with steps of at most ``step_size`` (odeint's count)."""
-    return max(1, math.ceil(span / float(step_size) * (1 - 1e-12)))
 
 
 def _log_prob_chunk(fields, backend: Backend, block_kwargs, params, T, x):

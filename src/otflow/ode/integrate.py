@@ -7,7 +7,6 @@ and turns a failed solve's :class:`~otflow.Status` into an exception.
 """
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ from .loop import DEFAULT_MAX_STEPS, LoopSettings, Stats, integrate
 from .solvers import SOLVERS, AbstractRungeKutta
 from .step_size import PIController, check_tolerance, resolve_norm
 
-__all__ = ["odeint", "resolve_solver", "raise_for_status", "Solution", "Stats", "DEFAULT_RTOL", "DEFAULT_ATOL",
-           "DEFAULT_MAX_STEPS", "GRADIENTS"]
+__all__ = ["odeint", "resolve_solver", "fixed_step_count", "raise_for_status", "Solution", "Stats", "DEFAULT_RTOL",
+           "DEFAULT_ATOL", "DEFAULT_MAX_STEPS", "GRADIENTS"]
 
 #: The tolerances of adaptive methods when ``rtol``/``atol`` are not given: the FFJORD/RNODE
 #: training setting (rtol = atol = 1e-5).
@@ -89,21 +88,7 @@ _REPLACED_KEYWORDS = {
 }
 
 
-def _refuse_replaced_keywords(fn):
-    """Decorator: a keyword of the first release raises TypeError naming its replacement."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if not _REPLACED_KEYWORDS.keys().isdisjoint(kwargs):
-            name = next(k for k in kwargs if k in _REPLACED_KEYWORDS)
-            raise TypeError(f"{fn.__name__}(): {name}= was replaced by {_REPLACED_KEYWORDS[name]}")
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@_refuse_replaced_keywords
-@reject_unknown_keywords
+@reject_unknown_keywords(replaced=_REPLACED_KEYWORDS)
 def odeint(
     func: Callable,
     y0,
@@ -347,7 +332,7 @@ def _adaptive_settings(solver, backend, dtype, *, rtol, atol, step_size, n_steps
             f"rtol={rtol:g} is below {_RTOL_EPS_FACTOR}× the machine epsilon of {dtype} "
             f"({_RTOL_EPS_FACTOR * eps:.1e}); "
             "the solver cannot meet it and will take tiny steps. Use float64 or a larger rtol.",
-            RuntimeWarning, stacklevel=5)  # the caller of odeint, past its two decorators
+            RuntimeWarning, stacklevel=4)  # the caller of odeint, past its decorator
     if step_size is not None:
         step_size = _positive_finite("step_size", step_size)
     if dt_min is not None:
@@ -397,7 +382,18 @@ def _fixed_step_counts(solver, host_t, n_intervals: int, step_size, n_steps) -> 
     if host_t is None:
         raise ValueError("step_size needs concrete output times to count the steps; with a traced t "
                          "(e.g. a learnable end time under jit) pass n_steps= instead")
-    return tuple(max(1, math.ceil(abs(d) / h * (1 - 1e-12))) for d in np.diff(host_t))
+    return tuple(fixed_step_count(abs(d), h) for d in np.diff(host_t))
+
+
+def fixed_step_count(span: float, step_size: float) -> int:
+    """The number of equal steps of at most ``step_size`` that cover ``span`` (at least one).
+
+    :param span: the length of the interval, ``|t₁ − t₀|``.
+    :param step_size: the largest step.
+    :returns: ``ceil(span / step_size)``, with a relative slack of 1e-12 so that a span that
+        is a whole number of steps in exact arithmetic is not given one step more.
+    """
+    return max(1, math.ceil(span / float(step_size) * (1 - 1e-12)))
 
 
 def raise_for_status(sol: Solution, backend: Backend, *, max_steps: int | None = None) -> None:
