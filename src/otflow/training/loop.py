@@ -23,7 +23,7 @@ from .checkpoint import CheckpointWriter, ResumePoint, TrainingState, read_resum
 from .data import TrainingData, prepare_data, read_data, sample_batch
 from .evaluation import Validation
 from .faults import TrainingFailed, backoff_factor, count_outcome, failure_reason, skip_message, training_failed
-from .model import FlowBuilder, RNODETrainingLoss, build_fields, initial_params
+from .model import FlowBuilder, build_model
 from .options import FitOptions, load_config
 from .progress import RunLog
 from .signals import StopSignals
@@ -73,15 +73,13 @@ def fit(data, *, backend=None, device=None, config=None, resume=None, **options)
         warnings.warn(f"resume: the data differ from those the checkpoint {start.path!r} was trained on; "
                       "the run continues on the new data", UserWarning, stacklevel=2)
 
-    fields = build_fields(opts, train_data.dim)
-    params = initial_params(fields, opts, b, dtype, dev)
-    trainer = make_trainer(RNODETrainingLoss(fields, opts, b), params, opts.optimizer_spec(), backend=b)
+    model = build_model(opts, train_data, b, dtype, dev)
+    trainer = make_trainer(model.loss, model.params, opts.optimizer_spec(), backend=b)
     state = TrainingState()
     if start is not None:
-        state, rng = restore(start, trainer, params)
-    flows = FlowBuilder(fields, params, opts, train_data, b, dev)
+        state, rng = restore(start, trainer, model.params)
     checkpoints = CheckpointWriter(opts, b, train_data.digest, start, state.iteration)
-    run = _Run(opts, b, dtype, dev, train_data, rng, trainer, flows, state, checkpoints)
+    run = _Run(opts, b, dtype, dev, train_data, rng, trainer, model.flows, state, checkpoints)
     return run.train(_planned_iterations(opts, train_data.n_train))
 
 

@@ -8,13 +8,42 @@ The parameter tree the trainer optimizes is ``{"fields": (block parameters, ...)
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..cnf import MLP, Flow, SolverOptions, rnode_loss
 from ..ode import resolve_solver
 
-__all__ = ["build_fields", "initial_params", "RNODETrainingLoss", "FlowBuilder"]
+__all__ = ["TrainingModel", "build_model", "build_fields", "initial_params", "RNODETrainingLoss", "FlowBuilder"]
+
+
+class TrainingModel(NamedTuple):
+    """What a run trains: the fields, their initial parameter tree, the loss the trainer
+    minimizes (``loss(params, x, key) -> (loss, aux)``) and the builder of the
+    :class:`~otflow.Flow` a parameter tree stands for."""
+
+    fields: list
+    params: dict
+    loss: Any
+    flows: Any
+
+
+def build_model(opts, data, backend, dtype, device) -> TrainingModel:
+    """The model, loss and flow builder of a run: the one place ``fit`` asks for them, so
+    another kind of model or objective plugs in here.
+
+    :param opts: the run's :class:`~otflow.FitOptions`.
+    :param data: the run's :class:`~otflow.training.data.TrainingData`.
+    :param backend: the training backend.
+    :param dtype: the parameters' dtype (the backend's).
+    :param device: their device.
+    :returns: a :class:`TrainingModel`.
+    """
+    fields = build_fields(opts, data.dim)
+    params = initial_params(fields, opts, backend, dtype, device)
+    return TrainingModel(fields, params, RNODETrainingLoss(fields, opts, backend),
+                         FlowBuilder(fields, params, opts, data, backend, device))
 
 
 def build_fields(opts, dim: int) -> list:
