@@ -451,3 +451,44 @@ def test_torch_and_jax_agree_on_the_multiscale_model():
         results.append([_np(b, o) for o in out])
     for torch_out, jax_out in zip(*results):
         np.testing.assert_allclose(torch_out, jax_out, rtol=1e-10, atol=1e-12)
+
+
+def test_spec_config_round_trips():
+    spec = MultiscaleSpec((3, 8, 8), n_scales=2, blocks_per_scale=1, widths=(4, 5), activation="tanh",
+                          conditioning="concatsquash", alpha=0.05)
+    assert MultiscaleSpec.from_config(spec.config()) == spec
+    assert MultiscaleSpec.from_config(MultiscaleSpec().config()) == MultiscaleSpec()
+
+
+def test_the_image_layout_undoes_squeezes_and_factor_outs():
+    """With identity blocks the latent parts, put back in image layout, are the input; the
+    latent's flat layout and its parts convert both ways (numpy: no solve is run)."""
+    from otflow.cnf.multiscale import _through_scales, flatten_latents, split_latent, to_image_layout
+
+    s = np.random.default_rng(0).normal(size=(2, 2, 4, 4))
+    parts, _ = _through_scales(TINY, s, None, lambda k, z, total: (z, total))
+    np.testing.assert_array_equal(to_image_layout(TINY, parts[-1], parts[:-1], len(TINY.steps())), s)
+    z = flatten_latents(parts)
+    assert z.shape == (2, 32)
+    for part, back in zip(parts, split_latent(TINY, z)):
+        np.testing.assert_array_equal(part, back)
+
+
+def test_run_functions_report_status_and_nfe_and_take_per_block_solver_settings():
+    pytest.importorskip("torch")
+    from otflow.cnf.multiscale import run_log_prob
+
+    b = otflow.get_backend("torch")
+    fields, params = _tiny_model(b, "mlp", None)
+    y = _pixels(b, (2, 2, 4, 4), 11)
+    per_block = [dict(method="rk4", n_steps=n) for n in (1, 2, 3)]
+    result = run_log_prob(TINY, fields, params, y, T=0.5, solver_kwargs=per_block)
+    assert int(result.status) == otflow.Status.SUCCESS and int(result.nfe) == 4 * (1 + 2 + 3)
+    same = run_log_prob(TINY, fields, params, y, T=0.5, solver_kwargs=dict(method="rk4", n_steps=2))
+    assert int(same.nfe) == 4 * 6
+    np.testing.assert_allclose(_np(b, multiscale_log_prob(TINY, fields, params, y, T=0.5,
+                                                          solver_kwargs=dict(method="rk4", n_steps=2))),
+                               _np(b, same.value), rtol=0, atol=0)
+    assert np.max(np.abs(_np(b, result.value) - _np(b, same.value))) > 0
+    with pytest.raises(ValueError, match="one per block \\(3\\), got 2"):
+        run_log_prob(TINY, fields, params, y, T=0.5, solver_kwargs=per_block[:2])

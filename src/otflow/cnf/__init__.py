@@ -19,6 +19,8 @@ from .image import (LOGIT_ALPHA, bin_midpoints, dequantized_bits_per_dim, logit_
 from .multiscale import (FACTOR_OUT, SQUEEZE, MultiscaleSpec, ScaleShapes, factored_log_density, merge_channels,
                          multiscale_inverse, multiscale_log_prob, multiscale_transform, split_channels, squeeze,
                          unsqueeze)
+from .multiscale_flow import BitsPerDim, MultiscaleFlow
+from .multiscale_objective import multiscale_rnode_loss
 from .objective import RNODELoss, bits_per_dim, dequantize, logit_transform, rnode_loss
 from .serialize import ModelFileError
 
@@ -36,4 +38,6 @@ __all__ = [
     "midpoint_bits_per_dim",
     "FACTOR_OUT", "SQUEEZE", "MultiscaleSpec", "ScaleShapes", "factored_log_density", "merge_channels",
     "multiscale_inverse", "multiscale_log_prob", "multiscale_transform", "split_channels", "squeeze", "unsqueeze",
+    "BitsPerDim", "MultiscaleFlow",
+    "multiscale_rnode_loss",
 ]

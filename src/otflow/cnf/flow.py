@@ -146,7 +146,289 @@ class SolverOptions:
         return cls(**cfg)
 
 
-class Flow:
+class _EvaluatedBlocks:
+    """What :class:`Flow` and :class:`~otflow.cnf.multiscale_flow.MultiscaleFlow` share: CNF
+    blocks with their parameters and end times, the evaluation settings, the copies
+    (:meth:`with_parameters`, :meth:`with_eval_solver`, :meth:`with_output`), input checks,
+    and the chunked evaluation compiled once per kind.
+
+    A subclass sets ``backend``, ``fields``, ``params``, ``event_shape`` and calls
+    :meth:`_set_evaluation`; it provides ``_chunk_function(kind, block_kwargs)``, the
+    uncompiled ``fn(params, T, x, *extra) -> (out, status, nfe)`` of each evaluation kind,
+    and may override ``_default_batch_size``.
+    """
+
+    def _set_evaluation(self, dtype, device, T, eval_solver, output) -> None:
+        """Set the dtype, device, end times, evaluation solver and output type; no training record."""
+        xp = self.backend.namespace()
+        self.dtype = getattr(xp, dtype) if isinstance(dtype, str) else dtype
+        self.backend.check_dtype(self.dtype)
+        self.device = self.backend.device(device) if (device is None or isinstance(device, str)) else device
+        self.T = self._block_times(T)
+        if eval_solver is not None and not isinstance(eval_solver, SolverOptions):
+            raise TypeError(f"eval_solver must be an otflow.SolverOptions (e.g. SolverOptions(rtol=1e-6, atol=1e-6)), "
+                            f"got {type(eval_solver).__name__}")
+        self.eval_solver = eval_solver or SolverOptions()
+        self.output = _check_output(output)
+        self.history = None
+        self.fit_info = None
+        self.last_nfe = None
+        self._compiled: dict = {}
+        self._times_array = None
+
+    @property
+    def dim(self) -> int:
+        """The number of features of one sample."""
+        return math.prod(self.event_shape)
+
+    def _block_params(self, params) -> tuple:
+        params = tuple(params)
+        if len(params) != len(self.fields):
+            raise ValueError(f"{len(self.fields)} fields but {len(params)} parameter trees")
+        return params
+
+    def _block_times(self, T) -> tuple[float, ...]:
+        """``T`` (a number, one per block, a numpy or backend array) as one float per block."""
+        n = len(self.fields)
+        message = f"T must be a positive finite float (or {n} of them, one per block), got {T!r}"
+        if self.backend.owns(T):
+            T = self.backend.to_numpy(T)
+        if isinstance(T, (bool, np.bool_, str, bytes)):
+            raise ValueError(message)
+        try:
+            times = np.asarray(T, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(message) from None
+        if times.ndim == 0:
+            times = np.full(n, float(times))
+        if times.shape != (n,) or not np.all(np.isfinite(times) & (times > 0)):
+            raise ValueError(message)
+        return tuple(float(t) for t in times)
+
+    # ---------------------------------------------------------------------------------------
+    # copies
+
+    def with_parameters(self, params: Sequence, *, T: float | Sequence[float] | None = None,
+                        history: list[dict] | None = None, fit_info: dict | None = None):
+        """A copy of this flow with other parameters (what :func:`otflow.fit` installs).
+
+        The copy shares the compiled evaluations of this flow: new parameters and a new
+        ``T`` need no recompilation.
+
+        :param params: one parameter tree per block.
+        :param T: the new integration times (a float, one per block, or a 1-d numpy or
+            backend array); None keeps this flow's.
+        :param history: the copy's :attr:`history` (None: no training record).
+        :param fit_info: the copy's :attr:`fit_info` (None: no training record).
+        :returns: the new flow.
+        :raises ValueError: for the wrong number of parameter trees or a bad ``T``.
+        """
+        clone = self._copy(share_compiled=True)
+        clone.params = self._block_params(params)
+        if T is not None:
+            clone.T = self._block_times(T)
+        clone.history, clone.fit_info, clone.last_nfe = history, fit_info, None
+        return clone
+
+    def with_eval_solver(self, **changes):
+        """A copy of this flow evaluating with other solver settings.
+
+        :param changes: fields of :class:`SolverOptions` to change (e.g. ``rtol=1e-7``,
+            or ``method="rk4", n_steps=16, rtol=None, atol=None``).
+        :returns: the new flow (its training record is kept).
+        """
+        clone = self._copy(share_compiled=False)
+        clone.eval_solver = replace(self.eval_solver, **changes)
+        return clone
+
+    def with_output(self, output: str):
+        """A copy of this flow whose evaluation methods return ``output`` arrays.
+
+        :param output: ``"numpy"`` or ``"native"`` (the backend's arrays).
+        :returns: the new flow (sharing the compiled evaluations and the training record).
+        """
+        clone = self._copy(share_compiled=True)
+        clone.output = _check_output(output)
+        return clone
+
+    def _copy(self, *, share_compiled: bool):
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        if not share_compiled:
+            clone._compiled = {}
+        return clone
+
+    def save(self, path, *, metadata: dict | None = None):
+        """Write the flow to ``path``: parameters in safetensors, a JSON header, no pickle;
+        atomic (a crash mid-write leaves any previous file intact).
+
+        :param path: the file to write.
+        :param metadata: JSON-serializable information stored in the header.
+        :returns: the path.
+        :raises ValueError: for a flow that a file cannot describe (a user's field or
+            evaluation method).
+        """
+        header = self.header()
+        if metadata:
+            header["metadata"] = metadata
+        arrays = {k: self.backend.to_numpy(v) for k, v in named_arrays(self.params, "params").items()}
+        return write_file(path, arrays, header)
+
+    # ---------------------------------------------------------------------------------------
+    # inputs and outputs
+
+    def _input(self, x, name: str = "x", event_shape: tuple | None = None):
+        """``x`` validated and converted to the flow's backend, dtype and device.
+
+        :param x: a batch of points (numpy, a list, or the backend's array).
+        :param name: its name in error messages.
+        :param event_shape: the shape of one point (default: :attr:`event_shape`).
+        """
+        b = self.backend
+        event_shape = self.event_shape if event_shape is None else tuple(event_shape)
+        host = isinstance(x, np.ndarray) or not b.owns(x)
+        if host:
+            try:
+                x = np.asarray(x)
+            except Exception as e:  # ragged lists, tensors that need .detach(), ...
+                raise TypeError(f"{name} could not be read as an array ({type(e).__name__}: {e}); pass a numpy "
+                                f"array or a {b.name} array of shape (n, {', '.join(map(str, event_shape))})"
+                                ) from None
+            if x.dtype.kind == "c":
+                raise TypeError(f"{name} is complex ({x.dtype}); a flow needs real numbers (take .real)")
+            if x.dtype.kind not in "biuf":
+                raise TypeError(f"{name} must be real numbers, got dtype {x.dtype}; convert it with "
+                                f"np.asarray({name}, dtype=float)")
+        shape = tuple(x.shape)
+        if shape == event_shape:
+            raise ValueError(f"{name} has shape {shape}: a single point; pass a batch of shape "
+                             f"(n, {', '.join(map(str, event_shape))}), e.g. {name}[None]")
+        if len(shape) != 1 + len(event_shape) or shape[1:] != event_shape:
+            raise ValueError(f"{name} must have shape (n, {', '.join(map(str, event_shape))}), got {shape}"
+                             f" (the flow was built for {math.prod(event_shape)}-dimensional points)")
+        if shape[0] == 0:
+            raise ValueError(f"{name} is empty")
+        xp = b.namespace()
+        if not host:
+            if xp.isdtype(x.dtype, "complex floating"):
+                raise TypeError(f"{name} is complex ({x.dtype}); a flow needs real numbers (take .real)")
+            if not xp.isdtype(x.dtype, "real floating"):
+                x = xp.astype(x, self.dtype)  # booleans and integers are converted
+            xb = b.asarray(x, dtype=self.dtype, device=self.device)
+            if b.is_concrete(xb) and not bool(xp.all(xp.isfinite(xb))):
+                raise ValueError(f"{name} contains NaN or inf (or values beyond the range of {self.dtype})")
+            return xb
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} contains NaN or inf")
+        xb = b.asarray(np.asarray(x, dtype=np.float64), dtype=self.dtype, device=self.device)
+        if not bool(xp.all(xp.isfinite(xb))):
+            raise ValueError(f"{name} has values beyond the range of the flow's dtype {self.dtype} "
+                             f"(max |{name}| = {np.max(np.abs(x.astype(np.float64))):.3g}); rescale them")
+        return xb
+
+    def _output(self, y):
+        return self.backend.to_numpy(y) if self.output == "numpy" else y
+
+    # ---------------------------------------------------------------------------------------
+    # the solves (one chunk; compiled per kind on compiling backends)
+
+    def _block_solve_kwargs(self) -> tuple[dict, ...]:
+        """:func:`otflow.odeint` keywords per block. A fixed-step method given ``step_size``
+        gets its step count per block here, from the host ``T``, since compiled code sees
+        ``T`` only as a traced array."""
+        options = self.eval_solver
+        kw = dict(options.odeint_kwargs(), backend=self.backend, throw=False, check_inputs=False,
+                  loop_kind="forward")
+        if options.is_adaptive() or options.step_size is None:
+            return (kw,) * len(self.fields)
+        del kw["step_size"]
+        return tuple(dict(kw, n_steps=fixed_step_count(t, options.step_size)) for t in self.T)
+
+    def _compiled_fn(self, kind: str):
+        """The chunk function of ``kind``: ``fn(params, T, x, *extra) -> (out, status, nfe)``,
+        compiled once (per fixed-step count) and shared with :meth:`with_parameters` copies."""
+        block_kwargs = self._block_solve_kwargs()
+        key = (kind, tuple(kw.get("n_steps") for kw in block_kwargs))
+        if key not in self._compiled:
+            self._compiled[key] = self.backend.jit(self._chunk_function(kind, block_kwargs))
+        return self._compiled[key]
+
+    def _default_batch_size(self, kind: str, n: int) -> int:
+        """Rows per chunk when the caller gives none: as many as keep the exact trace's
+        ``d × rows × d`` basis batch under 2²⁵ elements (at least 256)."""
+        return min(n, max(256, _EXACT_TRACE_BUDGET // (self.dim * self.dim)))
+
+    def _times_argument(self):
+        """``T`` as the chunk functions take it: a backend array on compiling backends (one
+        compiled function serves every ``T``), the Python floats elsewhere (which odeint
+        reads without a device round trip)."""
+        if not self.backend.has_jit:
+            return self.T
+        if self._times_array is None or self._times_array[0] != self.T:
+            array = self.backend.asarray(np.asarray(self.T), dtype=self.dtype, device=self.device)
+            self._times_array = (self.T, array)
+        return self._times_array[1]
+
+    def _run_chunked(self, kind: str, x, batch_size: int | None, on_failure: str, extra=None):
+        """Evaluate ``kind`` over ``x`` in chunks; pad the last chunk on compiling backends so
+        that one compiled function serves every chunk.
+
+        :param extra: None, or ``extra(index, rows)``: a tuple of further arguments of the
+            chunk function for chunk number ``index`` of ``rows`` rows (padding included),
+            each array with ``rows`` leading entries (per-row probes).
+        """
+        if not isinstance(on_failure, str):
+            raise TypeError(f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, got {on_failure!r}")
+        if on_failure not in ON_FAILURE:
+            raise ValueError(unknown_option_message("on_failure", on_failure, ON_FAILURE))
+        b, xp = self.backend, self.backend.namespace()
+        n = x.shape[0]
+        if batch_size is None:
+            batch_size = self._default_batch_size(kind, n)
+        if (isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer))
+                or batch_size <= 0):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = int(batch_size)
+        fn, times = self._compiled_fn(kind), self._times_argument()
+        outs, total_nfe = [], 0
+        for index, start in enumerate(range(0, n, batch_size)):
+            chunk = x[start:start + batch_size, ...]
+            m = chunk.shape[0]
+            if b.has_jit and m < batch_size and n > batch_size:
+                pad = xp.zeros((batch_size - m, *chunk.shape[1:]), dtype=chunk.dtype, device=b.device_of(chunk))
+                chunk = xp.concat([chunk, pad], axis=0)
+            args = () if extra is None else tuple(extra(index, chunk.shape[0]))
+            out, status, nfe = fn(self.params, times, chunk, *args)
+            total_nfe += int(b.to_numpy(nfe))
+            if int(b.to_numpy(status)) != Status.SUCCESS:
+                out = self._on_chunk_failure(kind, fn, times, chunk[:m, ...], args, status, on_failure)
+            outs.append(out[:m, ...])
+        self.last_nfe = total_nfe
+        return xp.concat(outs, axis=0) if len(outs) > 1 else outs[0]
+
+    def _on_chunk_failure(self, kind, fn, times, chunk, args, status, on_failure):
+        b, xp = self.backend, self.backend.namespace()
+        if on_failure == "raise":
+            raise SolverError(
+                f"{kind}: the evaluation solve failed ({Status(int(b.to_numpy(status))).name}) on a batch of "
+                f"{chunk.shape[0]} points. An outlier far from the data often causes it. Remedies: "
+                f"on_failure='nan' (NaN for the failing points, with a warning), a looser eval tolerance "
+                f"(flow.with_eval_solver(rtol=..., atol=...)), or more max_steps.")
+        # one point at a time: the failing ones get NaN
+        rows, failed = [], 0
+        for i in range(chunk.shape[0]):
+            row_args = self.backend.tree_map(lambda a, i=i: a[i:i + 1, ...], args)
+            out, st, _ = fn(self.params, times, chunk[i:i + 1, ...], *row_args)
+            if int(b.to_numpy(st)) != Status.SUCCESS:
+                out = xp.full(out.shape, float("nan"), dtype=out.dtype, device=b.device_of(out))
+                failed += 1
+            rows.append(out)
+        warnings.warn(f"{kind}: {failed} of {chunk.shape[0]} points failed to solve and are NaN", RuntimeWarning,
+                      stacklevel=4)
+        return xp.concat(rows, axis=0)
+
+
+class Flow(_EvaluatedBlocks):
     """A continuous normalizing flow (FFJORD, Grathwohl et al. 2019; trained with RNODE,
     Finlay et al. 2020): ``len(fields)`` CNF blocks over ``[0, T]`` each.
 
@@ -201,24 +483,11 @@ class Flow:
         if len(shapes) != 1:
             raise ValueError(f"all blocks must share one event shape, got {sorted(shapes)}")
         self.event_shape = shapes.pop()
-        self.dtype = getattr(xp, dtype) if isinstance(dtype, str) else dtype
-        self.backend.check_dtype(self.dtype)
-        self.device = self.backend.device(device) if (device is None or isinstance(device, str)) else device
-        self.T = self._block_times(T)
+        self._set_evaluation(dtype, device, T, eval_solver, output)
         self.shift = None if shift is None else self._const(shift)
         self.scale = None if scale is None else self._const(scale)
         if self.scale is not None and not bool(xp.all(self.scale > 0)):
             raise ValueError("scale must be positive")
-        if eval_solver is not None and not isinstance(eval_solver, SolverOptions):
-            raise TypeError(f"eval_solver must be an otflow.SolverOptions (e.g. SolverOptions(rtol=1e-6, atol=1e-6)), "
-                            f"got {type(eval_solver).__name__}")
-        self.eval_solver = eval_solver or SolverOptions()
-        self.output = _check_output(output)
-        self.history = None
-        self.fit_info = None
-        self.last_nfe = None
-        self._compiled: dict = {}
-        self._times_array = None
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -260,30 +529,6 @@ class Flow:
         return cls([field], [params], backend=b, device=device, dtype=dtype, T=T, shift=shift, scale=scale,
                    eval_solver=eval_solver, output=output)
 
-    def _block_params(self, params) -> tuple:
-        params = tuple(params)
-        if len(params) != len(self.fields):
-            raise ValueError(f"{len(self.fields)} fields but {len(params)} parameter trees")
-        return params
-
-    def _block_times(self, T) -> tuple[float, ...]:
-        """``T`` (a number, one per block, a numpy or backend array) as one float per block."""
-        n = len(self.fields)
-        message = f"T must be a positive finite float (or {n} of them, one per block), got {T!r}"
-        if self.backend.owns(T):
-            T = self.backend.to_numpy(T)
-        if isinstance(T, (bool, np.bool_, str, bytes)):
-            raise ValueError(message)
-        try:
-            times = np.asarray(T, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(message) from None
-        if times.ndim == 0:
-            times = np.full(n, float(times))
-        if times.shape != (n,) or not np.all(np.isfinite(times) & (times > 0)):
-            raise ValueError(message)
-        return tuple(float(t) for t in times)
-
     def _const(self, value):
         arr = np.asarray(self.backend.to_numpy(value) if self.backend.owns(value) else value, dtype=np.float64)
         arr = np.broadcast_to(arr, self.event_shape).copy()
@@ -292,118 +537,11 @@ class Flow:
         return self.backend.asarray(arr, dtype=self.dtype, device=self.device)
 
     @property
-    def dim(self) -> int:
-        """The number of features of one sample."""
-        return math.prod(self.event_shape)
-
-    @property
     def log_scale_sum(self) -> float:
         """``Σ log scale``, the log-determinant of the standardization (0 without one)."""
         if self.scale is None:
             return 0.0
         return float(np.sum(np.log(self.backend.to_numpy(self.scale).astype(np.float64))))
-
-    # ---------------------------------------------------------------------------------------
-    # copies
-
-    def with_parameters(self, params: Sequence, *, T: float | Sequence[float] | None = None,
-                        history: list[dict] | None = None, fit_info: dict | None = None) -> "Flow":
-        """A copy of this flow with other parameters (what :func:`otflow.fit` installs).
-
-        The copy shares the compiled evaluations of this flow: new parameters and a new
-        ``T`` need no recompilation.
-
-        :param params: one parameter tree per block.
-        :param T: the new integration times (a float, one per block, or a 1-d numpy or
-            backend array); None keeps this flow's.
-        :param history: the copy's :attr:`history` (None: no training record).
-        :param fit_info: the copy's :attr:`fit_info` (None: no training record).
-        :returns: the new flow.
-        :raises ValueError: for the wrong number of parameter trees or a bad ``T``.
-        """
-        clone = self._copy(share_compiled=True)
-        clone.params = self._block_params(params)
-        if T is not None:
-            clone.T = self._block_times(T)
-        clone.history, clone.fit_info, clone.last_nfe = history, fit_info, None
-        return clone
-
-    def with_eval_solver(self, **changes) -> "Flow":
-        """A copy of this flow evaluating with other solver settings.
-
-        :param changes: fields of :class:`SolverOptions` to change (e.g. ``rtol=1e-7``,
-            or ``method="rk4", n_steps=16, rtol=None, atol=None``).
-        :returns: the new flow (its training record is kept).
-        """
-        clone = self._copy(share_compiled=False)
-        clone.eval_solver = replace(self.eval_solver, **changes)
-        return clone
-
-    def with_output(self, output: str) -> "Flow":
-        """A copy of this flow whose evaluation methods return ``output`` arrays.
-
-        :param output: ``"numpy"`` or ``"native"`` (the backend's arrays).
-        :returns: the new flow (sharing the compiled evaluations and the training record).
-        """
-        clone = self._copy(share_compiled=True)
-        clone.output = _check_output(output)
-        return clone
-
-    def _copy(self, *, share_compiled: bool) -> "Flow":
-        clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)
-        if not share_compiled:
-            clone._compiled = {}
-        return clone
-
-    # ---------------------------------------------------------------------------------------
-    # inputs and outputs
-
-    def _input(self, x, name: str = "x"):
-        """``x`` validated and converted to the flow's backend, dtype and device."""
-        b = self.backend
-        host = isinstance(x, np.ndarray) or not b.owns(x)
-        if host:
-            try:
-                x = np.asarray(x)
-            except Exception as e:  # ragged lists, tensors that need .detach(), ...
-                raise TypeError(f"{name} could not be read as an array ({type(e).__name__}: {e}); pass a numpy "
-                                f"array or a {b.name} array of shape (n, {', '.join(map(str, self.event_shape))})"
-                                ) from None
-            if x.dtype.kind == "c":
-                raise TypeError(f"{name} is complex ({x.dtype}); a flow needs real numbers (take .real)")
-            if x.dtype.kind not in "biuf":
-                raise TypeError(f"{name} must be real numbers, got dtype {x.dtype}; convert it with "
-                                f"np.asarray({name}, dtype=float)")
-        shape = tuple(x.shape)
-        if shape == self.event_shape:
-            raise ValueError(f"{name} has shape {shape}: a single point; pass a batch of shape "
-                             f"(n, {', '.join(map(str, self.event_shape))}), e.g. {name}[None]")
-        if len(shape) != 1 + len(self.event_shape) or shape[1:] != self.event_shape:
-            raise ValueError(f"{name} must have shape (n, {', '.join(map(str, self.event_shape))}), got {shape}"
-                             f" (the flow was built for {self.dim}-dimensional points)")
-        if shape[0] == 0:
-            raise ValueError(f"{name} is empty")
-        xp = b.namespace()
-        if not host:
-            if xp.isdtype(x.dtype, "complex floating"):
-                raise TypeError(f"{name} is complex ({x.dtype}); a flow needs real numbers (take .real)")
-            if not xp.isdtype(x.dtype, "real floating"):
-                x = xp.astype(x, self.dtype)  # booleans and integers are converted
-            xb = b.asarray(x, dtype=self.dtype, device=self.device)
-            if b.is_concrete(xb) and not bool(xp.all(xp.isfinite(xb))):
-                raise ValueError(f"{name} contains NaN or inf (or values beyond the range of {self.dtype})")
-            return xb
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"{name} contains NaN or inf")
-        xb = b.asarray(np.asarray(x, dtype=np.float64), dtype=self.dtype, device=self.device)
-        if not bool(xp.all(xp.isfinite(xb))):
-            raise ValueError(f"{name} has values beyond the range of the flow's dtype {self.dtype} "
-                             f"(max |{name}| = {np.max(np.abs(x.astype(np.float64))):.3g}); rescale them")
-        return xb
-
-    def _output(self, y):
-        return self.backend.to_numpy(y) if self.output == "numpy" else y
 
     def _standardize(self, x):
         if self.shift is not None:
@@ -419,98 +557,13 @@ class Flow:
             x = x + self.shift
         return x
 
-    # ---------------------------------------------------------------------------------------
-    # the solves (one chunk; compiled per kind on compiling backends)
-
-    def _block_solve_kwargs(self) -> tuple[dict, ...]:
-        """:func:`otflow.odeint` keywords per block. A fixed-step method given ``step_size``
-        gets its step count per block here, from the host ``T``, since compiled code sees
-        ``T`` only as a traced array."""
-        options = self.eval_solver
-        kw = dict(options.odeint_kwargs(), backend=self.backend, throw=False, check_inputs=False,
-                  loop_kind="forward")
-        if options.is_adaptive() or options.step_size is None:
-            return (kw,) * len(self.fields)
-        del kw["step_size"]
-        return tuple(dict(kw, n_steps=fixed_step_count(t, options.step_size)) for t in self.T)
-
-    def _compiled_fn(self, kind: str):
-        """The chunk function of ``kind``: ``fn(params, T, x) -> (out, status, nfe)``,
-        compiled once (per fixed-step count) and shared with :meth:`with_parameters` copies."""
-        block_kwargs = self._block_solve_kwargs()
-        key = (kind, tuple(kw.get("n_steps") for kw in block_kwargs))
-        if key not in self._compiled:
-            if kind == "log_prob":
-                if self.eval_solver.is_adaptive():
-                    block_kwargs = tuple(dict(kw, norm=DENSITY_NORM) for kw in block_kwargs)
-                fn = functools.partial(_log_prob_chunk, self.fields, self.backend, block_kwargs)
-            else:
-                fn = functools.partial(_transport_chunk, self.fields, self.backend, block_kwargs, kind == "inverse")
-            self._compiled[key] = self.backend.jit(fn)
-        return self._compiled[key]
-
-    def _times_argument(self):
-        """``T`` as the chunk functions take it: a backend array on compiling backends (one
-        compiled function serves every ``T``), the Python floats elsewhere (which odeint
-        reads without a device round trip)."""
-        if not self.backend.has_jit:
-            return self.T
-        if self._times_array is None or self._times_array[0] != self.T:
-            array = self.backend.asarray(np.asarray(self.T), dtype=self.dtype, device=self.device)
-            self._times_array = (self.T, array)
-        return self._times_array[1]
-
-    def _run_chunked(self, kind: str, x, batch_size: int | None, on_failure: str):
-        """Evaluate ``kind`` over ``x`` in chunks; pad the last chunk on compiling backends so
-        that one compiled function serves every chunk."""
-        if not isinstance(on_failure, str):
-            raise TypeError(f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, got {on_failure!r}")
-        if on_failure not in ON_FAILURE:
-            raise ValueError(unknown_option_message("on_failure", on_failure, ON_FAILURE))
-        b, xp = self.backend, self.backend.namespace()
-        n = x.shape[0]
-        if batch_size is None:
-            # the exact trace vectorizes d VJPs over the chunk: bound d·rows·d elements
-            batch_size = min(n, max(256, _EXACT_TRACE_BUDGET // (self.dim * self.dim)))
-        if (isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer))
-                or batch_size <= 0):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        batch_size = int(batch_size)
-        fn, times = self._compiled_fn(kind), self._times_argument()
-        outs, total_nfe = [], 0
-        for start in range(0, n, batch_size):
-            chunk = x[start:start + batch_size, ...]
-            m = chunk.shape[0]
-            if b.has_jit and m < batch_size and n > batch_size:
-                pad = xp.zeros((batch_size - m, *chunk.shape[1:]), dtype=chunk.dtype, device=b.device_of(chunk))
-                chunk = xp.concat([chunk, pad], axis=0)
-            out, status, nfe = fn(self.params, times, chunk)
-            total_nfe += int(b.to_numpy(nfe))
-            if int(b.to_numpy(status)) != Status.SUCCESS:
-                out = self._on_chunk_failure(kind, fn, times, chunk[:m, ...], status, on_failure)
-            outs.append(out[:m, ...])
-        self.last_nfe = total_nfe
-        return xp.concat(outs, axis=0) if len(outs) > 1 else outs[0]
-
-    def _on_chunk_failure(self, kind, fn, times, chunk, status, on_failure):
-        b, xp = self.backend, self.backend.namespace()
-        if on_failure == "raise":
-            raise SolverError(
-                f"{kind}: the evaluation solve failed ({Status(int(b.to_numpy(status))).name}) on a batch of "
-                f"{chunk.shape[0]} points. An outlier far from the data often causes it. Remedies: "
-                f"on_failure='nan' (NaN for the failing points, with a warning), a looser eval tolerance "
-                f"(flow.with_eval_solver(rtol=..., atol=...)), or more max_steps.")
-        # one point at a time: the failing ones get NaN
-        rows, failed = [], 0
-        for i in range(chunk.shape[0]):
-            out, st, _ = fn(self.params, times, chunk[i:i + 1, ...])
-            if int(b.to_numpy(st)) != Status.SUCCESS:
-                out = xp.full(out.shape, float("nan"), dtype=out.dtype, device=b.device_of(out))
-                failed += 1
-            rows.append(out)
-        warnings.warn(f"{kind}: {failed} of {chunk.shape[0]} points failed to solve and are NaN", RuntimeWarning,
-                      stacklevel=4)
-        return xp.concat(rows, axis=0)
+    def _chunk_function(self, kind: str, block_kwargs):
+        """The uncompiled chunk function of ``kind`` (``"log_prob"``, ``"transform"``, ``"inverse"``)."""
+        if kind == "log_prob":
+            if self.eval_solver.is_adaptive():
+                block_kwargs = tuple(dict(kw, norm=DENSITY_NORM) for kw in block_kwargs)
+            return functools.partial(_log_prob_chunk, self.fields, self.backend, block_kwargs)
+        return functools.partial(_transport_chunk, self.fields, self.backend, block_kwargs, kind == "inverse")
 
     # ---------------------------------------------------------------------------------------
     # public evaluation
@@ -628,22 +681,6 @@ class Flow:
             "eval_solver": self.eval_solver.config(),
         }
 
-    def save(self, path, *, metadata: dict | None = None):
-        """Write the flow to ``path``: parameters in safetensors, a JSON header, no pickle;
-        atomic (a crash mid-write leaves any previous file intact).
-
-        :param path: the file to write.
-        :param metadata: JSON-serializable information stored in the header.
-        :returns: the path.
-        :raises ValueError: for a flow that a file cannot describe (a user's field or
-            evaluation method).
-        """
-        header = self.header()
-        if metadata:
-            header["metadata"] = metadata
-        arrays = {k: self.backend.to_numpy(v) for k, v in named_arrays(self.params, "params").items()}
-        return write_file(path, arrays, header)
-
     def __repr__(self) -> str:
         return (f"Flow(blocks={len(self.fields)}, event_shape={self.event_shape}, T={self.T}, "
                 f"backend={self.backend.name!r}, dtype={self.dtype}, output={self.output!r})")
@@ -717,8 +754,9 @@ def _transport_chunk(fields, backend: Backend, block_kwargs, reverse: bool, para
 
 
 def flow_from_header(header: dict, arrays: dict, *, backend=None, device=None, prefix: str = "params",
-                     output: str = "numpy") -> Flow:
-    """Rebuild a :class:`Flow` from a saved header and its arrays on any backend.
+                     output: str = "numpy"):
+    """Rebuild a :class:`Flow` (or, for a header of kind ``"multiscale"``, a
+    :class:`~otflow.MultiscaleFlow`) from a saved header and its arrays on any backend.
 
     :param header: the flow's header (:meth:`Flow.header`).
     :param arrays: the arrays read from the file.
@@ -729,6 +767,15 @@ def flow_from_header(header: dict, arrays: dict, *, backend=None, device=None, p
     :returns: the flow.
     :raises ModelFileError: for an incomplete or incompatible header or missing arrays.
     """
+    kind = header.get("kind", "flow")
+    if kind == "multiscale":
+        from .multiscale_flow import multiscale_flow_from_header
+
+        return multiscale_flow_from_header(header, arrays, backend=backend, device=device, prefix=prefix,
+                                           output=output)
+    if kind != "flow":
+        raise ModelFileError(f"the file holds a model of kind {kind!r}, which this otflow version cannot read "
+                             "(it reads 'flow' and 'multiscale'); load it with the otflow version that wrote it")
     b = get_backend(backend if backend is not None else default_backend())
     dev = b.device(device)
     try:
@@ -748,15 +795,16 @@ def flow_from_header(header: dict, arrays: dict, *, backend=None, device=None, p
 
 
 @reject_unknown_keywords
-def load(path, *, backend: str | Backend | None = None, device=None, output: str = "numpy") -> Flow:
-    """Load a flow saved with :meth:`Flow.save` (or the best model in a training checkpoint)
-    on any backend: a flow trained on torch loads on jax and back.
+def load(path, *, backend: str | Backend | None = None, device=None, output: str = "numpy"):
+    """Load a flow saved with :meth:`Flow.save` or :meth:`~otflow.MultiscaleFlow.save` (or
+    the best model in a training checkpoint) on any backend: a flow trained on torch loads
+    on jax and back.
 
     :param path: the file.
     :param backend: the backend to load on (the default backend when None).
     :param device: the device to load on.
     :param output: the flow's :attr:`Flow.output`, ``"numpy"`` or ``"native"``.
-    :returns: the flow.
+    :returns: the flow: a :class:`Flow`, or a :class:`~otflow.MultiscaleFlow` for an image model.
     :raises ModelFileError: for a missing, truncated, corrupted or incompatible file.
     """
     _check_output(output)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 from array_api_compat import array_namespace
 
@@ -37,7 +37,8 @@ from .signature import backend_keyword
 
 __all__ = ["SQUEEZE", "FACTOR_OUT", "squeeze", "unsqueeze", "split_channels", "merge_channels",
            "factored_log_density", "ScaleShapes", "MultiscaleSpec", "multiscale_log_prob", "multiscale_transform",
-           "multiscale_inverse"]
+           "multiscale_inverse", "SolveResult", "run_log_prob", "run_transform", "run_inverse", "flatten_latents",
+           "split_latent", "to_image_layout"]
 
 #: a step of :meth:`MultiscaleSpec.steps`: space-to-depth by 2
 SQUEEZE = "squeeze"
@@ -205,6 +206,22 @@ class MultiscaleSpec:
         field = ConvField(shape, self.widths, self.activation, self.conditioning)  # refuses bad field options now
         object.__setattr__(self, "widths", field.widths)
 
+    def config(self) -> dict:
+        """The JSON description of the spec (saved with a :class:`~otflow.MultiscaleFlow`)."""
+        return {"image_shape": list(self.image_shape), "n_scales": self.n_scales,
+                "blocks_per_scale": self.blocks_per_scale, "widths": list(self.widths), "activation": self.activation,
+                "conditioning": self.conditioning, "alpha": self.alpha}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "MultiscaleSpec":
+        """The spec a :meth:`config` describes.
+
+        :raises ValueError: for a description that is no valid spec.
+        :raises TypeError: for unknown or missing entries.
+        """
+        cfg = dict(cfg)
+        return cls(image_shape=tuple(cfg.pop("image_shape")), widths=tuple(cfg.pop("widths")), **cfg)
+
     def _check_squeezes(self) -> None:
         _, h, w = self.image_shape
         for i in range(self.n_scales - 1):
@@ -331,6 +348,18 @@ def _odeint_kwargs(solver_kwargs: dict | None, *, density: bool) -> dict:
     return kw
 
 
+def _per_block_kwargs(spec: MultiscaleSpec, solver_kwargs, *, density: bool) -> tuple[dict, ...]:
+    """:func:`_odeint_kwargs` for every block: ``solver_kwargs`` is one dict for all blocks,
+    or a sequence of one dict per block (fixed steps counted per block from its ``T``)."""
+    if solver_kwargs is None or isinstance(solver_kwargs, dict):
+        return (_odeint_kwargs(solver_kwargs, density=density),) * spec.n_blocks
+    per_block = tuple(solver_kwargs)
+    if len(per_block) != spec.n_blocks:
+        raise ValueError(f"solver_kwargs: give one dict for all blocks or one per block ({spec.n_blocks}), "
+                         f"got {len(per_block)}")
+    return tuple(_odeint_kwargs(kw, density=density) for kw in per_block)
+
+
 def _block_args(spec: MultiscaleSpec, params, estimator: str, probes, batch: int) -> tuple:
     """``odeint``'s ``args`` per block: the parameters, with the probe for Hutchinson."""
     if estimator not in DENSITY_ESTIMATORS:
@@ -392,23 +421,8 @@ def multiscale_log_prob(spec: MultiscaleSpec, fields: Sequence, params: Sequence
     :raises ValueError: for fields, parameters, times, probes or images that do not fit the
         spec, an unknown estimator, or ``solver_kwargs`` setting what is set here.
     """
-    _check_model(spec, fields, params)
-    _check_images(spec, y, "y")
-    b = get_backend(backend, like=y)
-    xp = b.namespace()
-    times = _block_times(spec, T)
-    args = _block_args(spec, params, estimator, probes, y.shape[0])
-    kw = _odeint_kwargs(solver_kwargs, density=True)
-    rhs = [density_rhs(field, backend=b, estimator=estimator) for field in fields]
-
-    def solve(k, z, total):
-        sol = odeint(rhs[k], (z, total), time_span(xp, times[k]), args=args[k], backend=b, **kw)
-        return sol.ys[0][-1, ...], sol.ys[1][-1, ...]
-
-    s, log_det = logit_transform(y, alpha=spec.alpha)
-    zero = xp.zeros((y.shape[0],), dtype=y.dtype, device=b.device_of(y))
-    latents, total = _through_scales(spec, s, zero, solve)
-    return factored_log_density(latents) - total + log_det
+    return run_log_prob(spec, fields, params, y, T=T, backend=backend, estimator=estimator, probes=probes,
+                        solver_kwargs=solver_kwargs).value
 
 
 @backend_keyword
@@ -427,19 +441,7 @@ def multiscale_transform(spec: MultiscaleSpec, fields: Sequence, params: Sequenc
     :returns: ``z``, shape ``(batch, D)``; standard normal under the model.
     :raises ValueError: as :func:`multiscale_log_prob`.
     """
-    _check_model(spec, fields, params)
-    _check_images(spec, y, "y")
-    b = get_backend(backend, like=y)
-    xp = b.namespace()
-    times = _block_times(spec, T)
-    kw = _odeint_kwargs(solver_kwargs, density=False)
-
-    def solve(k, z, total):
-        sol = odeint(flow_rhs(fields[k]), z, time_span(xp, times[k]), args=params[k], backend=b, **kw)
-        return sol.ys[-1, ...], total
-
-    latents, _ = _through_scales(spec, logit_transform(y, alpha=spec.alpha)[0], None, solve)
-    return xp.concat([xp.reshape(part, (y.shape[0], -1)) for part in latents], axis=1)
+    return run_transform(spec, fields, params, y, T=T, backend=backend, solver_kwargs=solver_kwargs).value
 
 
 @backend_keyword
@@ -459,18 +461,153 @@ def multiscale_inverse(spec: MultiscaleSpec, fields: Sequence, params: Sequence,
     :returns: pixels ``y``, shape ``(batch, *spec.image_shape)``.
     :raises ValueError: for a latent that is not ``(batch, D)``, or as :func:`multiscale_log_prob`.
     """
+    return run_inverse(spec, fields, params, z, T=T, backend=backend, solver_kwargs=solver_kwargs).value
+
+
+# ------------------------------------------------------------------------------------------
+# the same, with the solves' status and cost (what MultiscaleFlow compiles)
+
+
+class SolveResult(NamedTuple):
+    """A multiscale computation with its solves' record."""
+
+    value: Any
+    """What the computation returns."""
+    status: Any
+    """The worst :class:`~otflow.Status` of the blocks' solves (a 0-d int array)."""
+    nfe: Any
+    """The right-hand-side evaluations of all blocks (an int or 0-d array)."""
+
+
+class _SolveRecord:
+    """The worst status and the summed NFE of a sequence of solves."""
+
+    def __init__(self, xp):
+        self.xp, self.status, self.nfe = xp, None, 0
+
+    def add(self, sol):
+        self.status = sol.status if self.status is None else self.xp.maximum(self.status, sol.status)
+        self.nfe = self.nfe + sol.stats.nfe
+        return sol
+
+
+def run_log_prob(spec: MultiscaleSpec, fields: Sequence, params: Sequence, y, *, T, backend=None,
+                 estimator: str = "exact", probes: Sequence | None = None,
+                 solver_kwargs: dict | None = None) -> SolveResult:
+    """:func:`multiscale_log_prob` with the solves' status and NFE (pass ``throw=False`` in
+    ``solver_kwargs`` to read a failure from the status instead of an exception).
+    ``solver_kwargs`` may also be a sequence of one dict per block.
+
+    :returns: a :class:`SolveResult` whose ``value`` is ``log p(y)``.
+    """
     _check_model(spec, fields, params)
+    _check_images(spec, y, "y")
+    b = get_backend(backend, like=y)
+    xp = b.namespace()
+    times = _block_times(spec, T)
+    args = _block_args(spec, params, estimator, probes, y.shape[0])
+    kw = _per_block_kwargs(spec, solver_kwargs, density=True)
+    rhs = [density_rhs(field, backend=b, estimator=estimator) for field in fields]
+    record = _SolveRecord(xp)
+
+    def solve(k, z, total):
+        sol = record.add(odeint(rhs[k], (z, total), time_span(xp, times[k]), args=args[k], backend=b, **kw[k]))
+        return sol.ys[0][-1, ...], sol.ys[1][-1, ...]
+
+    s, log_det = logit_transform(y, alpha=spec.alpha)
+    zero = xp.zeros((y.shape[0],), dtype=y.dtype, device=b.device_of(y))
+    latents, total = _through_scales(spec, s, zero, solve)
+    return SolveResult(factored_log_density(latents) - total + log_det, record.status, record.nfe)
+
+
+def run_transform(spec: MultiscaleSpec, fields: Sequence, params: Sequence, y, *, T, backend=None,
+                  solver_kwargs: dict | None = None) -> SolveResult:
+    """:func:`multiscale_transform` with the solves' status and NFE.
+
+    :returns: a :class:`SolveResult` whose ``value`` is the latent ``(batch, D)``.
+    """
+    _check_model(spec, fields, params)
+    _check_images(spec, y, "y")
+    b = get_backend(backend, like=y)
+    xp = b.namespace()
+    times = _block_times(spec, T)
+    kw = _per_block_kwargs(spec, solver_kwargs, density=False)
+    record = _SolveRecord(xp)
+
+    def solve(k, z, total):
+        sol = record.add(odeint(flow_rhs(fields[k]), z, time_span(xp, times[k]), args=params[k], backend=b,
+                                **kw[k]))
+        return sol.ys[-1, ...], total
+
+    latents, _ = _through_scales(spec, logit_transform(y, alpha=spec.alpha)[0], None, solve)
+    return SolveResult(flatten_latents(latents), record.status, record.nfe)
+
+
+def flatten_latents(parts):
+    """The factored-out parts (and the last scale's state) flattened and concatenated in
+    order: ODENVP's latent layout, ``(batch, D)``.
+
+    :param parts: arrays of shape ``(batch, *shape)`` for the shapes of
+        :meth:`MultiscaleSpec.latent_shapes`.
+    :returns: shape ``(batch, D)``.
+    """
+    xp = array_namespace(*parts)
+    return xp.concat([xp.reshape(part, (part.shape[0], -1)) for part in parts], axis=1)
+
+
+def split_latent(spec: MultiscaleSpec, z) -> list:
+    """The inverse of :func:`flatten_latents`: the parts of a latent ``(batch, D)``, shaped
+    as :meth:`MultiscaleSpec.latent_shapes` says.
+
+    :param spec: the architecture.
+    :param z: latents, shape ``(batch, D)``.
+    :returns: the list of parts.
+    :raises ValueError: for a latent that is not ``(batch, D)``.
+    """
     if z.ndim != 2 or z.shape[1] != spec.dim:
         raise ValueError(f"z must have shape (batch, {spec.dim}), got {tuple(z.shape)}")
+    xp = array_namespace(z)
+    parts, start = [], 0
+    for shape in spec.latent_shapes():
+        size = math.prod(shape)
+        parts.append(xp.reshape(z[:, start:start + size], (z.shape[0], *shape)))
+        start += size
+    return parts
+
+
+def to_image_layout(spec: MultiscaleSpec, state, factored: Sequence, steps_done: int):
+    """A state in the middle of the model mapped back to the image's ``(C, H, W)`` layout: the
+    first ``steps_done`` of :meth:`MultiscaleSpec.steps` undone structurally (unsqueeze,
+    merge the parts factored out so far back in); the blocks are not run backwards.
+
+    :param spec: the architecture.
+    :param state: the current state, shape ``(batch, *shape)`` of the scale reached.
+    :param factored: the parts factored out so far, in order.
+    :param steps_done: how many steps of ``spec.steps()`` produced ``state``.
+    :returns: shape ``(batch, *spec.image_shape)`` (logit space).
+    """
+    parts = list(factored)
+    for step in reversed(spec.steps()[:steps_done]):
+        if step == SQUEEZE:
+            state = unsqueeze(state)
+        elif step == FACTOR_OUT:
+            state = merge_channels(state, parts.pop())
+    return state
+
+
+def run_inverse(spec: MultiscaleSpec, fields: Sequence, params: Sequence, z, *, T, backend=None,
+                solver_kwargs: dict | None = None) -> SolveResult:
+    """:func:`multiscale_inverse` with the solves' status and NFE.
+
+    :returns: a :class:`SolveResult` whose ``value`` is the pixels ``(batch, *image_shape)``.
+    """
+    _check_model(spec, fields, params)
+    latents = split_latent(spec, z)
     b = get_backend(backend, like=z)
     xp = b.namespace()
     times = _block_times(spec, T)
-    kw = _odeint_kwargs(solver_kwargs, density=False)
-    latents, start = [], 0
-    for shape in spec.latent_shapes():
-        size = math.prod(shape)
-        latents.append(xp.reshape(z[:, start:start + size], (z.shape[0], *shape)))
-        start += size
+    kw = _per_block_kwargs(spec, solver_kwargs, density=False)
+    record = _SolveRecord(xp)
     state = latents.pop()
     for step in reversed(spec.steps()):
         if step == SQUEEZE:
@@ -478,7 +615,7 @@ def multiscale_inverse(spec: MultiscaleSpec, fields: Sequence, params: Sequence,
         elif step == FACTOR_OUT:
             state = merge_channels(state, latents.pop())
         else:
-            sol = odeint(flow_rhs(fields[step]), state, time_span(xp, times[step], reverse=True), args=params[step],
-                         backend=b, **kw)
+            sol = record.add(odeint(flow_rhs(fields[step]), state, time_span(xp, times[step], reverse=True),
+                                    args=params[step], backend=b, **kw[step]))
             state = sol.ys[-1, ...]
-    return logit_inverse(state, alpha=spec.alpha)
+    return SolveResult(logit_inverse(state, alpha=spec.alpha), record.status, record.nfe)
