@@ -6,7 +6,9 @@ clipping); the learning rate enters as a traced value, so the step compiles
 once for the whole run (``compilations`` counts them). A non-finite loss or
 gradient, or a failed solve, selects the old parameters and optimizer state
 inside the compiled step. Buffers of the parameters and optimizer state are
-donated.
+donated. With ``fit(..., devices=...)`` the parameters and optimizer state are
+replicated over a mesh and the batch arrives sharded (:mod:`otflow_jax._distributed`):
+the same jitted step, partitioned by XLA, which inserts the gradient all-reduce.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import numpy as np
 import optax
 
 from otflow.training import OptimizerSpec
+
+from ._distributed import mesh_replicas
 
 __all__ = ["JaxTrainer"]
 
@@ -44,15 +48,21 @@ class JaxTrainer:
     :param loss_fn: ``loss_fn(params, x, key) -> (loss, aux)``, traced once.
     :param params: the initial parameter tree.
     :param optimizer: the optimizer settings (an optax chain: clipping, decay, Adam).
+    :param data_parallel: the run's :class:`~otflow_jax._distributed.MeshReplicas`
+        (parameters and optimizer state replicated over its mesh, outputs too), or None.
     :ivar compilations: how many times the step was traced (1 for a whole run, resumed or not).
     """
 
-    def __init__(self, backend, loss_fn, params, optimizer: OptimizerSpec):
+    #: builds the mesh of ``devices=`` (see :func:`otflow.training.distributed.resolve_replicas`)
+    data_parallel = staticmethod(mesh_replicas)
+
+    def __init__(self, backend, loss_fn, params, optimizer: OptimizerSpec, *, data_parallel=None):
         self.backend = backend
         self.spec = optimizer
-        self.params = jax.tree_util.tree_map(jnp.asarray, params)
+        self.replicas = data_parallel if getattr(data_parallel, "replicate", None) is not None else None
+        self.params = self._place(jax.tree_util.tree_map(jnp.asarray, params))
         self._tx = _transform(optimizer)
-        self.opt_state = self._tx.init(self.params)
+        self.opt_state = self._place(self._tx.init(self.params))
         self.compilations = 0
         tx = self._tx
 
@@ -68,7 +78,12 @@ class JaxTrainer:
             opt_state = jax.tree_util.tree_map(keep, new_state, opt_state)
             return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "applied": ok, **aux}
 
-        self._step = jax.jit(step, donate_argnums=(0, 1))
+        out = {} if self.replicas is None else {"out_shardings": self.replicas.replicated}
+        self._step = jax.jit(step, donate_argnums=(0, 1), **out)
+
+    def _place(self, tree):
+        """``tree`` replicated over the mesh (data-parallel), else as it is."""
+        return tree if self.replicas is None else self.replicas.replicate(tree)
 
     def step(self, x, key, lr: float) -> dict:
         """One step (see :meth:`otflow.training.Trainer.step`)."""
@@ -95,14 +110,14 @@ class JaxTrainer:
         if len(arrays) != len(leaves):
             raise ValueError(f"checkpoint has {len(arrays)} optimizer arrays, this optimizer {len(leaves)}")
         new = [_restored(f"{i}", arrays[f"{i}"], leaf) for i, leaf in enumerate(leaves)]
-        self.opt_state = jax.tree_util.tree_unflatten(treedef, new)
+        self.opt_state = self._place(jax.tree_util.tree_unflatten(treedef, new))
 
     def set_params(self, params) -> None:
         """Install parameter values (numpy or jax arrays), in the dtypes and shapes of the current ones."""
         leaves, treedef = jax.tree_util.tree_flatten(self.params)
         new = [_restored(f"parameter {i}", v, leaf)
                for i, (v, leaf) in enumerate(zip(jax.tree_util.tree_leaves(params), leaves))]
-        self.params = jax.tree_util.tree_unflatten(treedef, new)
+        self.params = self._place(jax.tree_util.tree_unflatten(treedef, new))
 
 
 def _restored(name: str, value, like) -> jax.Array:

@@ -3,8 +3,11 @@
 Registered in the ``otflow.trainers`` entry-point group; made by
 :func:`otflow.training.make_trainer`. Parameters are leaf tensors updated in place by
 the optimizer (a user module's own ``nn.Parameter`` objects stay its parameters, so its
-hooks — and later DistributedDataParallel's — see every gradient). One host read per
-step: the finiteness check that decides whether the update is applied.
+hooks see every gradient). One host read per step: the finiteness check that decides
+whether the update is applied. Under ``torchrun`` (a process group of several ranks) the
+gradients, metrics and failure flags are averaged over the ranks in one all-reduce after
+``backward`` (:mod:`otflow_torch._distributed`), so every rank applies, or skips, the same
+update.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import numpy as np
 import torch
 
 from otflow.training import OptimizerSpec
+
+from ._distributed import process_group_replicas
 
 __all__ = ["TorchTrainer"]
 
@@ -28,10 +33,16 @@ class TorchTrainer:
     :param loss_fn: ``loss_fn(params, x, key) -> (loss, aux)``.
     :param params: the initial parameter tree (tensors; leaves requiring grad are used as they are).
     :param optimizer: the optimizer settings (Adam is ``torch.optim.Adam``, AdamW ``torch.optim.AdamW``).
+    :param data_parallel: the run's :class:`~otflow_torch._distributed.ProcessGroupReplicas`
+        (gradients and metrics averaged over the ranks), or None for one process.
     """
 
-    def __init__(self, backend, loss_fn, params, optimizer: OptimizerSpec):
+    #: finds the run's process group (see :func:`otflow.training.distributed.resolve_replicas`)
+    data_parallel = staticmethod(process_group_replicas)
+
+    def __init__(self, backend, loss_fn, params, optimizer: OptimizerSpec, *, data_parallel=None):
         self.backend = backend
+        self.replicas = data_parallel if getattr(data_parallel, "reduce_step", None) is not None else None
         self.loss_fn = loss_fn
         self.spec = optimizer
         self.params = backend.tree_map(_as_leaf, params)
@@ -48,6 +59,10 @@ class TorchTrainer:
         loss, aux = self.loss_fn(self.params, x, key)
         loss.backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._leaves]
+        if self.replicas is not None:  # the mean over the ranks, written into the .grad tensors
+            for p, g in zip(self._leaves, grads):
+                p.grad = g
+            loss, aux = self.replicas.reduce_step(grads, loss, aux)
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         ok = torch.isfinite(loss) & torch.isfinite(grad_norm) & (aux["status"] == 0)
         applied = bool(ok)  # the step's one host read

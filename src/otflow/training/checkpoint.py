@@ -140,10 +140,14 @@ class CheckpointWriter:
     :param resumed_from: the checkpoint the run resumed from, if any: when it is the same
         file, that file already holds the starting iteration.
     :param start: the starting iteration.
+    :param writes: whether this process writes the file (in a data-parallel run only the
+        main process does; the others keep the same bookkeeping, so their state matches).
     """
 
-    def __init__(self, opts: FitOptions, backend, digest: str, resumed_from: ResumePoint | None, start: int):
+    def __init__(self, opts: FitOptions, backend, digest: str, resumed_from: ResumePoint | None, start: int,
+                 *, writes: bool = True):
         self.path = opts.checkpoint
+        self.writes = writes
         self.every = opts.checkpoint_every
         self.options = opts.to_header()
         self.backend = backend
@@ -168,6 +172,9 @@ class CheckpointWriter:
         if self.path is None or self.iteration_on_disk == state.iteration:
             return
         state.last_checkpoint = state.iteration
+        if not self.writes:
+            self.iteration_on_disk = state.iteration
+            return
         arrays = {k: self.backend.to_numpy(v) for k, v in named_arrays(trainer.params, "train").items()}
         if state.best_params is not None:
             arrays.update({k: np.asarray(v) for k, v in named_arrays(tuple(state.best_params["fields"]),

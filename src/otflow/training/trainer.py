@@ -8,6 +8,11 @@ package names its trainer in the ``otflow.trainers`` entry-point group
 (``torch = "otflow_torch._trainer:TorchTrainer"``), and a third-party backend registers
 one with :func:`register_trainer`. :func:`make_trainer` is what a benchmark or a custom
 training loop calls.
+
+A factory that trains data-parallel also has ``factory.data_parallel(backend, devices,
+device)``, returning the run's :class:`~otflow.training.distributed.Replicas` (or None
+for one process on one device); :func:`make_trainer` then passes them to the factory as
+``data_parallel=`` (see ``docs/distributed.md``).
 """
 from __future__ import annotations
 
@@ -106,7 +111,8 @@ def trainer_factory(name: str) -> Callable:
     return _registered[name]
 
 
-def make_trainer(loss_fn: Callable, params, optimizer: OptimizerSpec, *, backend: str | Backend) -> Trainer:
+def make_trainer(loss_fn: Callable, params, optimizer: OptimizerSpec, *, backend: str | Backend,
+                 data_parallel=None) -> Trainer:
     """The training step of ``backend`` for ``loss_fn``.
 
     :param loss_fn: ``loss_fn(params, x, key) -> (loss, aux)``; ``aux`` is a dict of backend
@@ -115,6 +121,9 @@ def make_trainer(loss_fn: Callable, params, optimizer: OptimizerSpec, *, backend
     :param params: the initial parameter tree (the backend's arrays).
     :param optimizer: the optimizer, an :class:`~otflow.OptimizerSpec`.
     :param backend: the backend (name or object) whose framework runs the step.
+    :param data_parallel: the run's :class:`~otflow.training.distributed.Replicas` from
+        :func:`~otflow.training.distributed.resolve_replicas` (passed on to the factory as
+        ``data_parallel=``), or None for one process on one device.
     :returns: a :class:`Trainer`.
     :raises TypeError: when ``loss_fn`` is not callable or ``optimizer`` is not an OptimizerSpec.
     :raises CapabilityError: when the backend has no trainer (e.g. the numpy reference backend).
@@ -126,4 +135,7 @@ def make_trainer(loss_fn: Callable, params, optimizer: OptimizerSpec, *, backend
         raise TypeError(f"make_trainer: optimizer must be an otflow.OptimizerSpec (e.g. OptimizerSpec(lr=1e-3)), "
                         f"got {type(optimizer).__name__}")
     b = get_backend(backend)
-    return trainer_factory(b.name)(b, loss_fn, params, optimizer)
+    factory = trainer_factory(b.name)
+    if data_parallel is None or getattr(factory, "data_parallel", None) is None:
+        return factory(b, loss_fn, params, optimizer)
+    return factory(b, loss_fn, params, optimizer, data_parallel=data_parallel)
