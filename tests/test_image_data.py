@@ -370,7 +370,8 @@ def test_digits_as_images_have_17_levels(monkeypatch):
     assert data.train.dtype == np.uint8 and data.train.shape == (3, 1, 8, 8) and data.test is None
     np.testing.assert_array_equal(data.train[:, 0], pixels)
     assert data.train_labels.tolist() == [3, 1, 4] and data.dim == 64
-    assert D.is_image_source("digits")
+    assert D.is_image_source("digits") and D.is_image_source("digits-images")
+    np.testing.assert_array_equal(D.load_images("digits-images").train, data.train)  # the CLI's name
     with pytest.raises(ValueError, match="layout= applies to .npy/.npz"):
         D.load_images("digits", layout="NHWC")
 

@@ -13,6 +13,7 @@ from .base import (Backend, BackendUnavailable, CapabilityError, MaxStepsReached
 from .cnf import (MLP, DivergenceEstimate, Flow, FunctionField, RNODELoss, SolverOptions, VelocityField, bits_per_dim,
                   dequantize, estimate_divergence, exact_divergence, hutchinson_divergence, hutchplusplus_divergence,
                   load, logit_transform, native_field, probe_vjp, register_native_field, rnode_loss)
+from .cnf import BitsPerDim, MultiscaleFlow
 from .ode import (RK4, Adjoint, AdjointStats, ButcherTableau, Dopri5, ErrorNorm, Euler, GradientCheck, Midpoint,
                   PIController, Solution, Stats, adjoint_counter, adjoint_stats, check_gradients, odeint)
 from .training import FitOptions, OptimizerSpec, Trainer, TrainingFailed, datasets, fit, make_trainer, register_trainer
@@ -24,6 +25,15 @@ for _old, _new in (("backend", base), ("solvers", ode.solvers), ("datasets", tra
 del _old, _new
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """Names resolved on first use: ``CNFDensity`` imports scikit-learn, which ``import otflow`` must not."""
+    if name == "CNFDensity":
+        from .training.estimator import CNFDensity
+
+        return CNFDensity
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Adjoint",
@@ -55,6 +65,8 @@ __all__ = [
     "dequantize",
     "logit_transform",
     "Flow",
+    "MultiscaleFlow",
+    "BitsPerDim",
     "SolverOptions",
     "MLP",
     "FunctionField",

@@ -6,6 +6,12 @@
     otflow plot MODEL [-o model.png] [--data DATA]
     otflow datasets
 
+Image data (an MNIST-style IDX file or directory, CIFAR-10's binary batches, an ``.npy``/
+``.npz`` of uint8 images, ``digits-images``) train FFJORD's multiscale model; ``fit`` then
+prints the held-out bits per dimension (the standard, dequantized number: on the source's
+test part when it has one, else on the validation split), ``sample`` writes uint8 images
+and ``plot`` a grid of samples beside data.
+
 Exit status: 0 on success; 1 when training failed (``TrainingFailed``: repeated
 numerical faults; the message names the last good checkpoint); 2 for bad input
 (the message names the problem and the fix); 130 when interrupted (Ctrl-C or
@@ -30,7 +36,8 @@ _FIT_FLAGS = {
     "lambda_kinetic": float, "lambda_jacobian": float, "max_time": float, "seed": int, "dtype": str,
     "rtol": float, "atol": float, "n_blocks": int, "eval_every": int, "checkpoint": str, "checkpoint_every": int,
     "history": str, "n_train": int, "T": float, "patience": int, "epochs": float, "max_steps": int,
-    "max_failures": int, "lr_backoff": float,
+    "max_failures": int, "lr_backoff": float, "n_scales": int, "blocks_per_scale": int, "logit_alpha": float,
+    "objective": str, "coupling": str,
 }
 
 
@@ -38,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="otflow", description="RNODE continuous normalizing flows on torch and JAX.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fit", help="train a flow on DATA (a dataset name or a .npy/.npz/.csv file)")
+    f = sub.add_parser("fit", help="train a flow on DATA (a dataset name, a .npy/.npz/.csv file, or image data: "
+                       "IDX files, CIFAR-10 binary, uint8 .npy/.npz, digits-images)")
     f.add_argument("data")
     f.add_argument("--backend", default=None, help="torch or jax (default: torch if installed)")
     f.add_argument("--device", default=None, help="cpu, cuda, cuda:1, gpu ...")
@@ -47,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--plot", default=None, help="also write a PNG of the result here")
     f.add_argument("--resume", default=None, help="continue from this checkpoint (written by --checkpoint); the "
                    "result equals an uninterrupted run")
+    f.add_argument("--init", default=None, metavar="MODEL", help="start from this saved flow (e.g. a "
+                   "--objective flow-matching result, fine-tuned with the RNODE objective)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--test-images", type=int, default=None, metavar="N",
+                   help="image data: evaluate the held-out bits/dim on the first N test images (default: all)")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any fit option, e.g. --set hidden=[32,32] (JSON values)")
     for name, typ in _FIT_FLAGS.items():
@@ -56,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a saved flow")
     s.add_argument("model")
     s.add_argument("-n", type=int, default=1000)
-    s.add_argument("-o", "--out", required=True, help=".npy file to write")
+    s.add_argument("-o", "--out", required=True, help=".npy file to write (uint8 images for an image model)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--backend", default=None)
     s.add_argument("--device", default=None)
@@ -68,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     lp.add_argument("--backend", default=None)
     lp.add_argument("--device", default=None)
 
-    pl = sub.add_parser("plot", help="a PNG of a saved flow (2-D: density, samples, trajectories)")
+    pl = sub.add_parser("plot", help="a PNG of a saved flow (2-D: density, samples, trajectories; images: a grid "
+                        "of samples beside data)")
     pl.add_argument("model")
     pl.add_argument("-o", "--out", default=None)
     pl.add_argument("--data", default=None, help="data to draw beside the samples (name or file)")
@@ -81,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load_data(spec: str, n: int = 5000, seed: int = 12345) -> np.ndarray:
     from . import datasets
 
+    if datasets.is_image_source(spec):
+        return datasets.load_images(spec).train
     if spec in datasets.names():
         return datasets.sample(spec, n, seed=seed)
     return datasets.load_array(spec)
@@ -104,11 +119,19 @@ def _cmd_fit(args) -> int:
         options["hidden"] = tuple(options["hidden"])
     if args.quiet:
         options["quiet"] = True
+    from . import datasets
+
+    images = datasets.load_images(args.data) if datasets.is_image_source(args.data) else None
     start = time.perf_counter()
-    flow = fit(args.data, backend=args.backend, device=args.device, config=args.config, resume=args.resume, **options)
+    flow = fit(images if images is not None else args.data, backend=args.backend, device=args.device,
+               config=args.config, resume=args.resume, init=args.init, **options)
     info = flow.fit_info
-    path = flow.save(args.out, metadata=jsonable({"data": args.data,
-                                                   "fit": {k: v for k, v in info.items() if k != "last"}}))
+    if info["data_parallel"]["rank"] != 0:
+        return 0  # a data-parallel run (torchrun): the main process saves, reports and plots
+    metadata = {"data": args.data, "fit": {k: v for k, v in info.items() if k != "last"}}
+    if images is not None:
+        metadata["n_levels"] = images.n_levels
+    path = flow.save(args.out, metadata=jsonable(metadata))
     best = (f"best validation NLL {info['best_val_nll']:.4f} (iteration {info['best_iteration']})"
             if info["best_iteration"] >= 0 else "no validation")
     line = (f"trained {info['iterations']} iterations in {time.perf_counter() - start:.1f} s on {info['backend']}; "
@@ -120,8 +143,13 @@ def _cmd_fit(args) -> int:
                "no --checkpoint was given, so the run cannot be resumed")
         print(f"otflow fit: interrupted at iteration {info['iterations']}; {how}", file=sys.stderr)
         return 130
-    from . import datasets
+    if images is not None:
+        print(_held_out_bits_per_dim(flow, images, args.test_images))
+        if args.plot:
+            from .plotting import plot_image_samples
 
+            print(f"plot: {plot_image_samples(flow, args.plot, data=images.train, n_levels=images.n_levels)}")
+        return 0
     if args.data in datasets.names() and datasets.info(args.data).entropy is not None:
         last = info["last"] or {}
         ent = datasets.info(args.data).entropy
@@ -136,10 +164,44 @@ def _cmd_fit(args) -> int:
     return 0
 
 
+def _held_out_bits_per_dim(flow, images, limit: int | None) -> str:
+    """The line ``otflow fit`` prints for image data: the standard bits/dim on the test part
+    (its first ``limit`` images), or the best validation bits/dim when there is no test part."""
+    estimator = ((flow.fit_info or {}).get("options") or {}).get("eval_estimator") or "exact"
+    how = "exact trace" if estimator == "exact" else "Hutchinson divergence estimate"
+    if images.test is not None:
+        test = images.test if limit is None else images.test[:limit]
+        bpd = flow.bits_per_dim(test, n_bins=images.n_levels, estimator=estimator)
+        return (f"held-out bits/dim (standard: uniform dequantization, {how}) on {len(test)} test images "
+                f"({images.n_levels} levels): {bpd.mean:.4f} ± {bpd.standard_error:.4f}")
+    values = [r["val_bpd"] for r in flow.history or [] if r.get("val_bpd") is not None]
+    if not values:
+        return "held-out bits/dim: none (no test part and no validation split: val_fraction=0)"
+    return (f"held-out bits/dim (standard: uniform dequantization, {how}) on the validation split, best "
+            f"evaluation ({images.n_levels} levels; the data have no test part): {min(values):.4f}")
+
+
+def _image_levels_of(model_path) -> int:
+    """The pixel levels an image model was trained on (saved by ``otflow fit``; else 256)."""
+    from ..cnf.serialize import read_file
+
+    _, header = read_file(model_path)
+    return int((header.get("metadata") or {}).get("n_levels", 256))
+
+
+def _is_image_model(flow) -> bool:
+    return hasattr(flow, "sample_levels")
+
+
 def _cmd_sample(args) -> int:
     from ..cnf.flow import load
 
     flow = load(args.model, backend=args.backend, device=args.device)
+    if _is_image_model(flow):
+        x = flow.sample_levels(args.n, seed=args.seed, n_bins=_image_levels_of(args.model))
+        np.save(args.out, x)
+        print(f"wrote {args.n} uint8 images of shape {x.shape[1:]} to {args.out}")
+        return 0
     x = flow.sample(args.n, seed=args.seed)
     np.save(args.out, x)
     print(f"wrote {args.n} samples of shape {x.shape[1:]} to {args.out}")
@@ -151,6 +213,13 @@ def _cmd_log_prob(args) -> int:
 
     flow = load(args.model, backend=args.backend, device=args.device)
     x = _load_data(args.data)
+    if _is_image_model(flow):
+        bpd = flow.bits_per_dim(x, n_bins=_image_levels_of(args.model))
+        print(f"bits/dim (standard: uniform dequantization, exact trace) = {bpd.mean:.6f} ± {bpd.standard_error:.6f} "
+              f"over {len(x)} images")
+        if args.out:
+            np.save(args.out, bpd.per_image)
+        return 0
     logp = np.asarray(flow.log_prob(x), dtype=np.float64)
     se = logp.std(ddof=1) / np.sqrt(len(logp)) if len(logp) > 1 else float("nan")
     print(f"mean log p = {logp.mean():.6f} ± {se:.6f} (standard error) over {len(logp)} rows; NLL = {-logp.mean():.6f}")
@@ -166,6 +235,11 @@ def _cmd_plot(args) -> int:
     flow = load(args.model, backend=args.backend)
     out = args.out or str(Path(args.model).with_suffix(".png"))
     data = _load_data(args.data) if args.data else None
+    if _is_image_model(flow):
+        from .plotting import plot_image_samples
+
+        print(f"wrote {plot_image_samples(flow, out, data=data, n_levels=_image_levels_of(args.model))}")
+        return 0
     print(f"wrote {plot_flow(flow, out, data=data)}")
     return 0
 

@@ -1,6 +1,11 @@
 """The data of a training run: reading and validating it, the validation split, the
 standardization, and the batches.
 
+Image data (uint8 arrays of rank 3 or 4, an :class:`~otflow.datasets.ImageData`, image
+files and directories, the name ``"digits"``) keep their integer pixel levels ``(N, C, H,
+W)``: no standardization; the number of levels (256, or 17 for the digits) is recorded
+for dequantization and bits per dimension.
+
 Everything here is numpy on the host; only a batch becomes a backend array, one per
 iteration. The order in which the run's random generator is used (sampling a toy data
 set, the split permutation, then one index draw per batch) is part of what a checkpoint
@@ -18,22 +23,47 @@ import numpy as np
 from ..base import infer_backend
 from ..base.options import unknown_option_message
 from . import datasets
+from .datasets import ImageData, is_image_source, load_images
 
-__all__ = ["DataSource", "TrainingData", "read_data", "validate_data", "prepare_data", "sample_batch"]
+__all__ = ["DataSource", "TrainingData", "ImageLevels", "read_data", "validate_data", "validate_images",
+           "prepare_data", "sample_batch", "IMAGE_ONLY_OPTIONS"]
+
+#: options of the image model, refused (when changed from their defaults) for vector data
+IMAGE_ONLY_OPTIONS = ("n_scales", "blocks_per_scale", "logit_alpha", "eval_estimator")
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """What ``fit`` was given, read: exactly one of ``array`` and ``dataset`` is set.
+    """What ``fit`` was given, read: exactly one of ``array``, ``dataset`` and ``images`` is set.
 
     ``array`` is the validated float64 array; ``dataset`` an embedded data set's name
-    (sampled once the run's seed is known); ``native`` the backend owning the array the
-    user passed (a torch tensor, a jax array), which ``fit`` trains on by default.
+    (sampled once the run's seed is known); ``images`` image data (uint8 pixel levels);
+    ``native`` the backend owning the array the user passed (a torch tensor, a jax array),
+    which ``fit`` trains on by default.
     """
 
     array: np.ndarray | None = None
     dataset: str | None = None
     native: Any = None
+    images: ImageData | None = None
+
+
+@dataclass(frozen=True)
+class ImageLevels:
+    """Validation images: uint8 pixel levels ``(N, C, H, W)``, how many levels a pixel has,
+    and the divergence estimator of their evaluation.
+
+    :ivar levels: the pixels.
+    :ivar n_levels: the number of levels (256 for 8-bit images, 17 for the digits).
+    :ivar estimator: ``"exact"`` or ``"hutchinson"`` (:func:`image_eval_estimator`).
+    """
+
+    levels: np.ndarray
+    n_levels: int
+    estimator: str = "exact"
+
+    def __len__(self) -> int:
+        return self.levels.shape[0]
 
 
 @dataclass(frozen=True)
@@ -45,17 +75,31 @@ class TrainingData:
     :ivar shift: the per-column mean of the training rows (None without standardization).
     :ivar scale: the per-column standard deviation of the training rows (likewise).
     :ivar digest: a hash of all rows, stored in checkpoints to notice other data on resume.
+    :ivar n_levels: for image data, the pixel levels (then ``train`` holds uint8 images
+        ``(N, C, H, W)`` and ``val`` is an :class:`ImageLevels`); None for vector data.
     """
 
     train: np.ndarray
-    val: np.ndarray | None
+    val: np.ndarray | ImageLevels | None
     shift: np.ndarray | None
     scale: np.ndarray | None
     digest: str
+    n_levels: int | None = None
 
     @property
     def dim(self) -> int:
-        return self.train.shape[1]
+        """Values per row (``C·H·W`` for images)."""
+        return int(np.prod(self.train.shape[1:]))
+
+    @property
+    def is_images(self) -> bool:
+        """Whether these are image data (the multiscale image model trains on them)."""
+        return self.n_levels is not None
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of one image (image data only)."""
+        return tuple(int(n) for n in self.train.shape[1:])
 
     @property
     def n_train(self) -> int:
@@ -65,12 +109,16 @@ class TrainingData:
 def read_data(data) -> DataSource:
     """Read what was passed as ``fit``'s data (before any backend is chosen).
 
-    :param data: a 2-D numpy array, torch tensor or jax array; a path to a ``.npy``,
-        ``.npz`` or ``.csv`` file; or an embedded data set's name.
+    :param data: a 2-D numpy array, torch tensor or jax array; a uint8 array of images
+        ``(N, H, W)`` or ``(N, C, H, W)``; an :class:`~otflow.datasets.ImageData`; a path to a
+        ``.npy``, ``.npz`` or ``.csv`` file or to image files (:func:`~otflow.datasets.load_images`);
+        ``"digits"`` (scikit-learn's digits as 8×8 images); or an embedded data set's name.
     :returns: the data, validated, or the data set's name.
     :raises ValueError: a name that is neither a file nor a data set, or invalid values.
     :raises TypeError: data that cannot be read as a real array.
     """
+    if isinstance(data, ImageData):
+        return DataSource(images=_checked_image_data(data))
     if isinstance(data, (str, os.PathLike)):
         return _read_path_or_name(data)
     native = None
@@ -87,13 +135,45 @@ def read_data(data) -> DataSource:
         raise TypeError(f"data could not be read as an array ({type(e).__name__}: {e}); pass a 2-D numpy array "
                         "of shape (n_samples, n_features), a torch tensor, a jax array, a file path or a "
                         "dataset name") from None
+    if array.dtype == np.uint8 and array.ndim in (3, 4):
+        images = ImageData(train=validate_images(array), test=None, train_labels=None, test_labels=None,
+                           n_levels=datasets.PIXEL_LEVELS, source="array", format="array")
+        return DataSource(images=images, native=native)
     return DataSource(array=validate_data(array), native=native)
+
+
+def validate_images(x: np.ndarray) -> np.ndarray:
+    """Check uint8 images and return them as ``(N, C, H, W)``.
+
+    :param x: uint8 pixels ``(N, H, W)`` (one channel) or ``(N, C, H, W)``.
+    :returns: the pixels, ``(N, C, H, W)``.
+    :raises ValueError: another rank, fewer than 2 images, or an empty image.
+    """
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    if x.ndim != 4:
+        raise ValueError(f"images must be uint8 (N, H, W) or (N, C, H, W), got shape {x.shape}")
+    if x.shape[0] < 2:
+        raise ValueError(f"the images hold {x.shape[0]} image(s); fitting a density needs at least 2")
+    if 0 in x.shape[1:]:
+        raise ValueError(f"the images have shape {x.shape[1:]}: an empty image; pass (N, C, H, W) pixels")
+    return x
+
+
+def _checked_image_data(images: ImageData) -> ImageData:
+    if images.train is None:
+        raise ValueError("the ImageData has no training part (load_images(..., split='test')?); fit needs "
+                         "training images: load_images(path) or split='train'")
+    validate_images(images.train)
+    return images
 
 
 def _read_path_or_name(data) -> DataSource:
     text = os.fspath(data)
     if not isinstance(text, str):
         text = os.fsdecode(text)
+    if is_image_source(text):
+        return DataSource(images=_checked_image_data(load_images(text)))
     if os.path.exists(text) or os.path.splitext(text)[1].lower() in (".npy", ".npz", ".csv"):
         return DataSource(array=validate_data(datasets.load_array(text)))
     if text in datasets.names():
@@ -139,6 +219,9 @@ def prepare_data(source: DataSource, opts, rng: np.random.Generator) -> Training
     :returns: the training and validation rows.
     :raises ValueError: too few training rows, constant columns, or values too large for the dtype.
     """
+    if source.images is not None:
+        return _prepare_images(source.images, opts, rng)
+    _refuse_image_options(opts)
     x = source.array
     if source.dataset is not None:
         x = validate_data(datasets.sample(source.dataset, opts.n_train + max(opts.val_points, 1), rng=rng))
@@ -157,6 +240,47 @@ def prepare_data(source: DataSource, opts, rng: np.random.Generator) -> Training
         train = (train - shift) / scale
     _check_range(train, opts.dtype)
     return TrainingData(train=train, val=val if n_val else None, shift=shift, scale=scale, digest=digest)
+
+
+def _prepare_images(images: ImageData, opts, rng: np.random.Generator) -> TrainingData:
+    """The validation split of image data (the training part; no standardization)."""
+    x = images.train
+    digest = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
+    n_val = 0
+    if opts.val_fraction > 0:
+        n_val = max(1, min(opts.val_points, int(round(opts.val_fraction * x.shape[0]))))
+    perm = rng.permutation(x.shape[0])
+    val, train = x[perm[:n_val]], x[perm[n_val:]]
+    if train.shape[0] < 2:
+        raise ValueError(f"only {train.shape[0]} training image(s) after the validation split; "
+                         "lower val_fraction or supply more images")
+    levels = ImageLevels(val, images.n_levels, image_eval_estimator(opts, int(np.prod(x.shape[1:]))))
+    return TrainingData(train=train, val=levels if n_val else None, shift=None, scale=None, digest=digest,
+                        n_levels=images.n_levels)
+
+
+#: the largest image (values ``C·H·W``) validated with the exact trace when ``eval_estimator`` is None
+EXACT_TRACE_MAX_DIM = 256
+
+
+def image_eval_estimator(opts, dim: int) -> str:
+    """The divergence estimator validating images of ``dim`` values: ``opts.eval_estimator``,
+    or when None the exact trace up to :data:`EXACT_TRACE_MAX_DIM` values and Hutchinson above."""
+    if opts.eval_estimator is not None:
+        return opts.eval_estimator
+    return "exact" if dim <= EXACT_TRACE_MAX_DIM else "hutchinson"
+
+
+def _refuse_image_options(opts) -> None:
+    """Vector data: the image model's options must keep their defaults."""
+    from .options import FitOptions
+
+    defaults = FitOptions()
+    changed = [name for name in IMAGE_ONLY_OPTIONS if getattr(opts, name) != getattr(defaults, name)]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} only apply to image data (uint8 images (N, H, W) or (N, C, H, W), "
+                         "image files, 'digits'); these data are vectors: drop "
+                         f"{'it' if len(changed) == 1 else 'them'}")
 
 
 def _standardization(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +304,8 @@ def _check_range(train: np.ndarray, dtype: str) -> None:
                          "rescale the data, or keep standardize=True")
 
 
-def sample_batch(data: TrainingData, rng: np.random.Generator, batch_size: int, backend, dtype, device):
+def sample_batch(data: TrainingData, rng: np.random.Generator, batch_size: int, backend, dtype, device,
+                 part: slice | None = None):
     """One training batch: ``batch_size`` rows drawn with replacement, as a backend array.
 
     :param data: the run's data.
@@ -189,7 +314,11 @@ def sample_batch(data: TrainingData, rng: np.random.Generator, batch_size: int, 
     :param backend: the backend of the batch.
     :param dtype: its dtype (the backend's).
     :param device: its device.
+    :param part: the rows of the drawn batch to keep (data-parallel: this process's share of
+        the global batch, which every process draws whole); None keeps all.
     :returns: the batch.
     """
     rows = rng.integers(0, data.n_train, batch_size)
+    if part is not None:
+        rows = rows[part]
     return backend.asarray(data.train[rows], dtype=dtype, device=device)

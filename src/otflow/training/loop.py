@@ -7,6 +7,11 @@ on torch, one jitted optax update on JAX), validation (:mod:`.evaluation`), the 
 policy (:mod:`.faults`), checkpoints and resume (:mod:`.checkpoint`), the stop signals
 (:mod:`.signals`) and the history and progress bar (:mod:`.progress`). Everything but
 the training step is the same on every backend.
+
+Data-parallel runs (:mod:`.distributed`: ranks of a ``torchrun`` process group, or a JAX
+mesh of ``devices=``) go through the same loop: each process draws its part of every
+global batch, the trainer reduces, only the main process writes, and decisions that
+end the run (a stop signal, ``max_time``, ``patience``) are agreed by all processes.
 """
 from __future__ import annotations
 
@@ -21,18 +26,21 @@ from ..base import default_backend, get_backend
 from ..cnf import Flow
 from .checkpoint import CheckpointWriter, ResumePoint, TrainingState, read_resume, restore
 from .data import TrainingData, prepare_data, read_data, sample_batch
+from .distributed import Replicas, check_batch_split, options_digest, resolve_replicas
 from .evaluation import Validation
 from .faults import TrainingFailed, backoff_factor, count_outcome, failure_reason, skip_message, training_failed
+from .image_model import resolve_image_options, with_eval_estimator
 from .model import FlowBuilder, build_model
-from .options import FitOptions, load_config
+from .options import FitOptions, load_config, refuse_unused_options
 from .progress import RunLog
 from .signals import StopSignals
 from .trainer import make_trainer
+from .warm_start import in_checkpoint_coordinates, in_flow_coordinates, init_flow
 
 __all__ = ["FitOptions", "fit", "TrainingFailed", "load_config"]
 
 
-def fit(data, *, backend=None, device=None, config=None, resume=None, **options) -> Flow:
+def fit(data, *, backend=None, device=None, config=None, resume=None, init=None, **options) -> Flow:
     """Train an RNODE continuous normalizing flow (Finlay et al., ICML 2020) on ``data``.
 
     Everything given is validated before anything is computed or compiled: the options,
@@ -44,42 +52,75 @@ def fit(data, *, backend=None, device=None, config=None, resume=None, **options)
 
     :param data: a numpy array, a torch tensor or a jax array (rows are samples), a path to
         a ``.npy``/``.npz``/``.csv`` file, or an embedded data set's name (``otflow
-        datasets`` lists them; toys are sampled afresh, ``n_train`` points).
+        datasets`` lists them; toys are sampled afresh, ``n_train`` points). Image data —
+        uint8 arrays ``(N, H, W)`` or ``(N, C, H, W)``, an :class:`~otflow.datasets.ImageData`,
+        MNIST-style IDX files, CIFAR-10's binary batches, ``.npy``/``.npz`` image arrays, or
+        ``"digits-images"`` — train FFJORD's multiscale model (a
+        :class:`~otflow.MultiscaleFlow`) with RNODE's image recipe for every option not
+        given (``docs/images.md``).
     :param backend: ``"torch"`` or ``"jax"``; None follows the array type, and numpy
         arrays, paths and names use torch if installed, else jax.
     :param device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"gpu"``; the backend's default when None.
+        Under ``torchrun``, ``"cuda"`` is each rank's ``cuda:LOCAL_RANK``; with ``devices=``
+        (JAX) it names the devices' platform.
     :param config: a TOML or YAML file of options (keyword arguments override it).
     :param resume: a checkpoint written by an earlier run (``checkpoint=``), continued
         exactly where it stopped: the options not given here are the checkpoint's; those
         fixing the model's layout cannot change.
-    :param options: the fields of :class:`~otflow.FitOptions`.
+    :param init: a :class:`~otflow.Flow` (or the path of a saved one) to start from instead
+        of a fresh initialization — e.g. a flow-matching solution fine-tuned with the RNODE
+        objective. Its architecture must match the options; the run trains in its
+        standardization (a resumed run takes it from the checkpoint). Vector data only.
+    :param options: the fields of :class:`~otflow.FitOptions`. Data-parallel training: on
+        torch, run ``fit`` in every process of a ``torchrun`` launch (or of a process group
+        you initialized); on JAX, pass ``devices=`` (see ``docs/distributed.md``).
     :returns: the trained :class:`~otflow.Flow` (the best validated parameters, or the last
         ones without a validation split), with ``history`` (one record per iteration) and
         ``fit_info`` (the run's summary).
     :raises TypeError: an unknown option (naming the nearest) or a value of the wrong type.
-    :raises ValueError: an option out of range, or data that cannot be fitted.
+    :raises ValueError: an option out of range, data that cannot be fitted, a global
+        ``batch_size`` that does not split evenly over the processes or devices, devices that
+        do not exist, or processes started with different options or data.
     :raises TrainingFailed: after ``max_failures`` consecutive failed iterations.
     :raises ModelFileError: a ``resume`` file that is missing, damaged or incompatible.
     """
     opts, start = _resolve_options(options, config, resume)
+    if init is not None and start is not None:
+        raise ValueError("init= starts a new run from a flow; resume= continues a run from its checkpoint (whose "
+                         "parameters already hold the warm start): pass one of them")
     source = read_data(data)  # before the backend: bad data never waits for a framework import
+    if source.images is not None:
+        opts = resolve_image_options(opts)  # RNODE's image recipe for every option not given
+    warm = init_flow(init) if init is not None else None
     b = _training_backend(backend, source)
-    dev = b.device(device)
+    replicas = resolve_replicas(b, opts.devices, device)
+    check_batch_split(replicas, opts.batch_size)
+    dev = replicas.device(b, device)
     dtype = getattr(b.namespace(), opts.dtype)
     b.check_dtype(dtype)
     rng = np.random.default_rng(opts.seed)
     train_data = prepare_data(source, opts, rng)
+    if train_data.is_images:
+        opts = with_eval_estimator(opts, train_data)
+    elif warm is not None:
+        train_data = in_flow_coordinates(train_data, warm)
+    elif start is not None:
+        train_data = in_checkpoint_coordinates(train_data, start)
     if start is not None and start.header.get("data_digest", train_data.digest) != train_data.digest:
         warnings.warn(f"resume: the data differ from those the checkpoint {start.path!r} was trained on; "
                       "the run continues on the new data", UserWarning, stacklevel=2)
 
-    model = build_model(opts, train_data, b, dtype, dev)
-    trainer = make_trainer(model.loss, model.params, opts.optimizer_spec(), backend=b)
+    resumed_at = None if start is None else start.header["state"].get("iteration")
+    replicas.same_everywhere(options_digest(opts, train_data.digest, resumed_at), "options, data or resume point")
+
+    model = build_model(opts, train_data, b, dtype, dev, init=warm, row_draw=replicas.row_draw)
+    trainer = make_trainer(model.loss, model.params, opts.optimizer_spec(), backend=b, data_parallel=replicas)
     state = TrainingState()
     if start is not None:
         state, rng = restore(start, trainer, model.params)
-    checkpoints = CheckpointWriter(opts, b, train_data.digest, start, state.iteration)
-    run = _Run(opts, b, dtype, dev, train_data, rng, trainer, model.flows, state, checkpoints)
+    checkpoints = CheckpointWriter(opts, b, train_data.digest, start, state.iteration, writes=replicas.is_main)
+    run = _Run(opts, b, dtype, dev, train_data, rng, trainer, model.flows, state, checkpoints, replicas,
+               batches=model.batches)
     return run.train(_planned_iterations(opts, train_data.n_train))
 
 
@@ -90,7 +131,9 @@ def _resolve_options(options: dict, config, resume) -> tuple[FitOptions, ResumeP
     given.update(options)
     if resume is not None:
         return read_resume(resume, given)
-    return FitOptions.from_mapping(given), None
+    opts = FitOptions.from_mapping(given)
+    refuse_unused_options(opts, given)
+    return opts, None
 
 
 def _training_backend(backend, source):
@@ -115,12 +158,16 @@ class _Run:
 
     The state that a checkpoint restores is ``state`` (counters, history, best parameters),
     ``rng`` (the batches) and the trainer (parameters, optimizer state); the rest is
-    derived from the options and the data.
+    derived from the options and the data. ``replicas`` is this process's place in a
+    data-parallel run (one process by default): every process keeps the same state.
     """
 
     def __init__(self, opts: FitOptions, backend, dtype, device, data: TrainingData, rng: np.random.Generator,
-                 trainer, flows: FlowBuilder, state: TrainingState, checkpoints: CheckpointWriter):
+                 trainer, flows: FlowBuilder, state: TrainingState, checkpoints: CheckpointWriter,
+                 replicas: Replicas | None = None, *, batches=sample_batch):
         self.opts, self.backend, self.dtype, self.device = opts, backend, dtype, device
+        self.replicas = replicas if replicas is not None else Replicas()
+        self.batches = batches  # (data, rng, batch_size, backend, dtype, device[, part=]) -> batch
         self.data, self.rng, self.trainer, self.flows = data, rng, trainer, flows
         self.state, self.checkpoints = state, checkpoints
         self.validation = Validation(data.val, opts.eval_every, opts.patience)
@@ -133,7 +180,9 @@ class _Run:
         """Run until ``max_iters``, a stop condition or a failure; return the flow."""
         state = self.state
         started = time.perf_counter() - state.elapsed
-        with self.stop, RunLog(self.opts.history, self.opts.quiet, list(state.history), max_iters) as log:
+        main = self.replicas.is_main  # only the main process writes the history and shows the bar
+        with self.stop, RunLog(self.opts.history if main else None, self.opts.quiet or not main,
+                               list(state.history), max_iters) as log:
             while state.iteration < max_iters and not self._asked_to_stop(started):
                 record, status = self._step()
                 state.iteration += 1
@@ -145,29 +194,47 @@ class _Run:
                 log.write(record)
                 if self.checkpoints.is_due(state.iteration):
                     self._write_checkpoint()
-                if self.validation.out_of_patience(state):
+                if self._out_of_patience():
                     break
             self._write_checkpoint()
         return self._result()
 
     # ---- the parts of one iteration ------------------------------------------------------
     def _asked_to_stop(self, started: float) -> bool:
-        if self.stop.received is not None:
+        """A stop signal or ``max_time``, agreed by every process of a data-parallel run."""
+        out_of_time = self.opts.max_time is not None and time.perf_counter() - started >= self.opts.max_time
+        if not self.replicas.stop_requested(self.stop.received is not None or out_of_time):
+            return False
+        if self.stop.received is not None or self.replicas.processes > 1:
+            who = (self.stop.name if self.stop.received is not None else "max_time" if out_of_time else
+                   "a stop request from another process")
             where = (f"writing a final checkpoint to {self.opts.checkpoint!r}" if self.opts.checkpoint else
                      "no checkpoint= was given, so nothing is written")
-            warnings.warn(f"{self.stop.name} received: stopping at iteration {self.state.iteration}, {where}",
+            warnings.warn(f"{who} received: stopping at iteration {self.state.iteration}, {where}",
                           RuntimeWarning, stacklevel=4)
-            return True
-        return self.opts.max_time is not None and time.perf_counter() - started >= self.opts.max_time
+        return True
+
+    def _out_of_patience(self) -> bool:
+        """``patience`` ran out; in a data-parallel run, decided together at evaluations."""
+        if self.replicas.processes == 1:
+            return self.validation.out_of_patience(self.state)
+        if not self.validation.is_due(self.state.iteration):
+            return False
+        return self.replicas.agree_any(self.validation.out_of_patience(self.state))
 
     def _step(self) -> tuple[dict, object]:
         """One training step on a fresh batch: its history record and its solve's status
         (a backend scalar, read only when the step failed)."""
         b, it = self.backend, self.state.iteration
-        x = sample_batch(self.data, self.rng, self.opts.batch_size, b, self.dtype, self.device)
+        t0 = time.perf_counter()  # the iteration's time includes drawing (and coupling) its batch
+        part = self.replicas.rows(self.opts.batch_size)
+        if part is None:
+            x = self.batches(self.data, self.rng, self.opts.batch_size, b, self.dtype, self.device)
+        else:
+            x = self.batches(self.data, self.rng, self.opts.batch_size, b, self.dtype, self.device, part=part)
+        x = self.replicas.place_batch(x)
         key = b.key(_iteration_seed(self.opts.seed, it))
         lr = self.schedule.learning_rate(it) * backoff_factor(self.opts, self.state)
-        t0 = time.perf_counter()
         m = self.trainer.step(x, key, lr)
         return {"it": it, "loss": float(b.to_numpy(m["loss"])), "nll": float(b.to_numpy(m["nll"])),
                 "kinetic": float(b.to_numpy(m["kinetic"])), "jacobian": float(b.to_numpy(m["jacobian"])),
@@ -187,12 +254,16 @@ class _Run:
 
     def _validate(self, record: dict, *, final: bool) -> None:
         if self.validation.is_due(self.state.iteration):
-            flow = self.flows.flow(self.trainer.params)
+            flow = self.flows.flow(self._params())
             self.validation.evaluate(self.state, flow, self._params_on_host, record)
         elif final and self.validation.rows is not None:
             self._write_checkpoint()  # before the end-of-run evaluation, which a resumed run must not see
-            flow = self.flows.flow(self.trainer.params)
+            flow = self.flows.flow(self._params())
             self.best = self.validation.final(self.state, flow, self._params_on_host, record)
+
+    def _params(self):
+        """The trainer's parameters on the run's device (a mesh's replicated arrays, gathered)."""
+        return self.replicas.on_device(self.trainer.params, self.device)
 
     def _params_on_host(self) -> dict:
         b = self.backend
@@ -200,7 +271,7 @@ class _Run:
 
     def _write_checkpoint(self) -> None:
         if self.checkpoints.path is not None:
-            self.checkpoints.write(self.state, self.trainer, self.flows.flow(self.trainer.params).header(),
+            self.checkpoints.write(self.state, self.trainer, self.flows.flow(self._params()).header(),
                                    self.rng)
 
     # ---- the result ----------------------------------------------------------------------
@@ -211,9 +282,9 @@ class _Run:
         info = {"iterations": state.iteration, "best_iteration": best_iteration, "best_val_nll": best_val,
                 "skipped_iterations": state.skipped, "seconds": state.elapsed, "backend": self.backend.name,
                 "options": dataclasses.asdict(self.opts), "last": self.last_record,
-                "interrupted": self.stop.received is not None,
+                "interrupted": self.stop.received is not None, "data_parallel": self.replicas.describe(),
                 "checkpoint": self.opts.checkpoint if self.checkpoints.iteration_on_disk >= 0 else None}
-        params = best_params if best_params is not None else self.trainer.params
+        params = best_params if best_params is not None else self._params()
         return self.flows.flow(params, history=state.history, fit_info=info)
 
 

@@ -14,6 +14,10 @@ import numpy as np
 
 from ..cnf import MLP, Flow, SolverOptions, rnode_loss
 from ..ode import resolve_solver
+from .data import sample_batch
+from .flow_matching import FlowMatchingBatches, FlowMatchingLoss
+from .image_model import build_image_model
+from .warm_start import check_init_flow, params_from_flow
 
 __all__ = ["TrainingModel", "build_model", "build_fields", "initial_params", "RNODETrainingLoss", "FlowBuilder"]
 
@@ -27,23 +31,41 @@ class TrainingModel(NamedTuple):
     params: dict
     loss: Any
     flows: Any
+    batches: Any = sample_batch
+    """``batches(data, rng, batch_size, backend, dtype, device)``: one training batch."""
 
 
-def build_model(opts, data, backend, dtype, device) -> TrainingModel:
+def build_model(opts, data, backend, dtype, device, *, init=None, row_draw=None) -> TrainingModel:
     """The model, loss and flow builder of a run: the one place ``fit`` asks for them, so
     another kind of model or objective plugs in here.
 
-    :param opts: the run's :class:`~otflow.FitOptions`.
-    :param data: the run's :class:`~otflow.training.data.TrainingData`.
+    :param opts: the run's :class:`~otflow.FitOptions` (``objective`` picks the loss:
+        RNODE's, or conditional flow matching with its paired batches).
+    :param data: the run's :class:`~otflow.training.data.TrainingData` (image data get
+        FFJORD's multiscale model, :mod:`.image_model`).
     :param backend: the training backend.
     :param dtype: the parameters' dtype (the backend's).
     :param device: their device.
+    :param init: a :class:`~otflow.Flow` whose parameters the run starts from (checked
+        against the options' architecture), or None for a fresh initialization.
+    :param row_draw: wraps the losses' per-row draws (probes, noise, path times) so that a
+        data-parallel process draws its rows of the global batch's
+        (:meth:`~otflow.training.distributed.Replicas.row_draw`); None: as they are.
     :returns: a :class:`TrainingModel`.
     """
+    if data.is_images:
+        return build_image_model(opts, data, backend, dtype, device, init=init, row_draw=row_draw)
     fields = build_fields(opts, data.dim)
-    params = initial_params(fields, opts, backend, dtype, device)
-    return TrainingModel(fields, params, RNODETrainingLoss(fields, opts, backend),
-                         FlowBuilder(fields, params, opts, data, backend, device))
+    if init is not None:
+        check_init_flow(init, fields, opts)
+        params = params_from_flow(init, opts, backend, dtype, device)
+    else:
+        params = initial_params(fields, opts, backend, dtype, device)
+    flows = FlowBuilder(fields, params, opts, data, backend, device)
+    if opts.objective == "flow-matching":
+        return TrainingModel(fields, params, FlowMatchingLoss(fields, opts.T, backend, row_draw=row_draw), flows,
+                             FlowMatchingBatches(opts.coupling))
+    return TrainingModel(fields, params, RNODETrainingLoss(fields, opts, backend, row_draw=row_draw), flows)
 
 
 def build_fields(opts, dim: int) -> list:
@@ -82,14 +104,16 @@ class RNODETrainingLoss:
     :param fields: the blocks' fields.
     :param opts: the run's :class:`~otflow.FitOptions` (λ's, probe, T, training solver).
     :param backend: the backend the loss runs on.
+    :param row_draw: wraps the probe draw (see :func:`build_model`); None: as it is.
     """
 
-    def __init__(self, fields, opts, backend):
+    def __init__(self, fields, opts, backend, *, row_draw=None):
         self.fields = fields
         self.backend = backend
         self.lambda_kinetic = opts.lambda_kinetic
         self.lambda_jacobian = opts.lambda_jacobian
-        self.draw_probe = backend.normal if opts.probe == "gaussian" else backend.rademacher
+        draw = backend.normal if opts.probe == "gaussian" else backend.rademacher
+        self.draw_probe = row_draw(draw) if row_draw is not None else draw
         self.fixed_T = None if opts.learn_T else [opts.T] * opts.n_blocks
         self.solver_kwargs = opts.train_solver_kwargs()
         if not backend.eager and resolve_solver(opts.method).adaptive and opts.gradient == "direct":

@@ -20,16 +20,20 @@ from ..base.options import unknown_option_message
 from ..cnf.divergence import PROBES
 from ..cnf.fields import ACTIVATIONS, CONDITIONINGS
 from ..ode import GRADIENTS, SOLVERS, resolve_solver
+from .flow_matching import COUPLINGS, check_coupling_available
 from .optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
 
-__all__ = ["FitOptions", "load_config", "METHODS", "STRUCTURAL_OPTIONS", "DTYPES"]
+__all__ = ["FitOptions", "load_config", "refuse_unused_options", "OBJECTIVES", "METHODS", "STRUCTURAL_OPTIONS", "DTYPES"]
 
 #: training solvers, as the ODE layer names them
 METHODS = tuple(SOLVERS)
+#: training objectives: RNODE's maximum likelihood with its penalties, or conditional flow matching
+OBJECTIVES = ("rnode", "flow-matching")
 #: floating dtypes a run can train in
 DTYPES = ("float32", "float64")
 #: options that fix the layout of the parameters and the optimizer state: a resumed run keeps them
-STRUCTURAL_OPTIONS = ("hidden", "activation", "conditioning", "n_blocks", "learn_T", "optimizer", "dtype")
+STRUCTURAL_OPTIONS = ("hidden", "activation", "conditioning", "n_blocks", "learn_T", "optimizer", "dtype",
+                      "n_scales", "blocks_per_scale")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,26 @@ class FitOptions:
     ``lr_recovery`` (default 10) good iterations. After ``max_failures`` consecutive
     skipped iterations :class:`~otflow.TrainingFailed` is raised, naming the last checkpoint.
 
+    Objective: ``"rnode"`` (default) maximizes the likelihood with the kinetic and Jacobian
+    penalties; ``"flow-matching"`` trains the same fields simulation-free with the
+    conditional flow-matching loss (:mod:`otflow.training.flow_matching`), ``coupling``
+    ``"independent"`` (its default) or ``"ot"`` (exact mini-batch optimal transport); the
+    training solver, probe and λ's then play no part (validation still computes the
+    exact likelihood with the evaluation solver). Fine-tune the result with
+    ``fit(..., init=flow)`` and the RNODE objective.
+
+    Image data (uint8 arrays ``(N, H, W)``/``(N, C, H, W)``, image files, ``"digits"``) train
+    FFJORD's multiscale model (``n_scales``: None is ODENVP's count; ``blocks_per_scale``
+    CNF blocks before and after each squeeze; ``logit_alpha``, the logit margin α; ``hidden``
+    the conv widths) with RNODE's MNIST recipe for every option not set explicitly:
+    softplus, time as an input channel (``conditioning="concat"``), widths (64, 64, 64), two
+    blocks per scale, batches of 200, fixed-step RK4 with step 0.25 over T = 1
+    (``method="rk4", steps=4``), λ_K = λ_J = 0.01, no standardization; the resolved options
+    are what the checkpoint and ``fit_info["options"]`` record. Validation reports bits per
+    dimension with ``eval_estimator``: None is the exact trace for images of at most 256
+    values (``C·H·W``) and Hutchinson (Rademacher probes of a fixed seed) above, where the
+    exact trace's ``D`` vector–Jacobian products per evaluation are too slow.
+
     Numpy scalars become Python numbers and paths become strings, so the options always
     serialize into a checkpoint header.
 
@@ -61,9 +85,16 @@ class FitOptions:
     conditioning: str = "concatsquash"
     zero_last: bool = True
     n_blocks: int = 1
+    # image models (uint8 image data): FFJORD's multiscale architecture; ``hidden`` are the conv widths
+    n_scales: int | None = None
+    blocks_per_scale: int = 2
+    logit_alpha: float = 1e-6
+    eval_estimator: str | None = None
     T: float = 1.0
     learn_T: bool = False
     # objective
+    objective: str = "rnode"
+    coupling: str | None = None
     lambda_kinetic: float = 0.01
     lambda_jacobian: float = 0.01
     probe: str = "gaussian"
@@ -103,6 +134,9 @@ class FitOptions:
     lr_recovery: int = 10
     checkpoint: str | None = None
     checkpoint_every: int = 100
+    # data-parallel JAX (torch: launch with torchrun instead): None one device, an int N the first N
+    # devices, "all", or a list of device names/ids; the batch is sharded over a mesh of them
+    devices: int | str | tuple | None = None
     history: str | None = None
     quiet: bool = False
 
@@ -120,6 +154,11 @@ class FitOptions:
         _check_int(self, "warmup", minimum=0)
         _check_int(self, "seed", minimum=0, below=2 ** 63)
         _check_int(self, "patience", optional=True)
+        _check_int(self, "n_scales", optional=True)
+        _check_int(self, "blocks_per_scale")
+        _check_real(self, "logit_alpha", low_open=False, high=0.5)
+        if self.eval_estimator is not None:
+            _check_choice(self, "eval_estimator", ("exact", "hutchinson"))
         for name in ("T", "rtol", "atol", "eval_rtol", "eval_atol", "lr"):
             _check_real(self, name)
         for name in ("lambda_kinetic", "lambda_jacobian", "weight_decay"):
@@ -130,6 +169,8 @@ class FitOptions:
         _check_real(self, "lr_backoff", high=1.0, high_open=False)
         _check_path(self, "checkpoint")
         _check_path(self, "history")
+        _check_devices(self)
+        _check_objective(self)
         self.optimizer_spec()  # the optimizer's own checks
 
     def optimizer_spec(self) -> OptimizerSpec:
@@ -173,7 +214,20 @@ class FitOptions:
                 raise TypeError(f"fit(): option names must be strings, got {key!r}")
             if key not in names:
                 raise TypeError("fit(): " + unknown_option_message("option", key, names))
-        return cls(**options)
+        opts = cls(**options)
+        object.__setattr__(opts, "_given", frozenset(options))  # what image data must not override
+        return opts
+
+    @property
+    def given(self) -> frozenset:
+        """The names of the options set explicitly (the keys given to :meth:`from_mapping`,
+        a config file's and a checkpoint's included); for options made by calling the class,
+        those whose value differs from the default. Image data replace the defaults of the
+        others by RNODE's image recipe (:data:`otflow.training.image_model.IMAGE_DEFAULTS`)."""
+        given = getattr(self, "_given", None)
+        if given is None:
+            given = frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default)
+        return given
 
     @classmethod
     def from_header(cls, header: dict) -> "FitOptions":
@@ -258,6 +312,61 @@ def _check_path(opts: FitOptions, name: str) -> None:
     if not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
         raise TypeError(f"{name} must be a file path (str or pathlib.Path) or None, got {v!r}")
     _store(opts, name, os.fspath(v))
+
+
+#: options that play no part in flow-matching training (no solve, no probe, no penalty)
+UNUSED_BY_FLOW_MATCHING = ("lambda_kinetic", "lambda_jacobian", "probe", "method", "rtol", "atol", "steps",
+                           "gradient", "max_steps")
+
+
+def refuse_unused_options(opts: FitOptions, given) -> None:
+    """Refuse options given explicitly to a new run that its objective would ignore.
+
+    :param opts: the run's options.
+    :param given: the names given (keywords and config file).
+    :raises ValueError: naming the options and why they do not apply.
+    """
+    if opts.objective != "flow-matching":
+        return
+    unused = [name for name in UNUSED_BY_FLOW_MATCHING if name in given]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do(es) not apply to objective='flow-matching': its loss regresses the "
+                         "velocity on straight paths with no ODE solve, probe or penalty. Drop them (the "
+                         "evaluation solver is eval_rtol/eval_atol), or set them when fine-tuning with "
+                         "fit(..., init=flow)")
+
+
+def _check_objective(opts: FitOptions) -> None:
+    _check_choice(opts, "objective", OBJECTIVES)
+    if opts.objective != "flow-matching":
+        if opts.coupling is not None:
+            raise ValueError(f"coupling={opts.coupling!r} pairs data and noise for objective='flow-matching'; "
+                             f"the {opts.objective!r} objective has no coupling: drop it, or pass "
+                             "objective='flow-matching'")
+        return
+    if opts.coupling is None:
+        _store(opts, "coupling", "independent")
+    _check_choice(opts, "coupling", COUPLINGS)
+    check_coupling_available(opts.coupling)
+    if opts.learn_T:
+        raise ValueError("learn_T=True does not apply to objective='flow-matching' (its loss does not depend on "
+                         "T); learn T when fine-tuning with the RNODE objective (fit(..., init=flow, learn_T=True))")
+
+
+def _check_devices(opts: FitOptions) -> None:
+    v = opts.devices
+    if v is None or v == "all":
+        return
+    if _is_int(v):
+        if v < 1:
+            raise ValueError(f"devices must be ≥ 1 (a number of devices), got {v}")
+        _store(opts, "devices", int(v))
+        return
+    if isinstance(v, (list, tuple)) and v and all(isinstance(d, str) or _is_int(d) for d in v):
+        _store(opts, "devices", tuple(d if isinstance(d, str) else int(d) for d in v))
+        return
+    raise TypeError(f"devices must be None (one device), an int N (the first N devices), 'all', or a non-empty list "
+                    f"of device names or ids such as ['cpu:0', 'cpu:1'], got {v!r}")
 
 
 def _check_hidden(opts: FitOptions) -> None:

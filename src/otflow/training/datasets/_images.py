@@ -422,8 +422,13 @@ def _check_options(split, layout) -> None:
                          " Or None for (N, C, H, W) with 1 or 3 channels.")
 
 
+#: the names of scikit-learn's digits as images (``"digits-images"`` is the one ``otflow fit`` documents)
+DIGITS_IMAGE_NAMES = ("digits", "digits-images")
+
+
 def _is_digits_name(path_or_name) -> bool:
-    return isinstance(path_or_name, str) and path_or_name == "digits" and not os.path.exists(path_or_name)
+    return (isinstance(path_or_name, str) and path_or_name in DIGITS_IMAGE_NAMES
+            and not os.path.exists(path_or_name))
 
 
 def _existing_path(path_or_name) -> Path:
@@ -532,7 +537,7 @@ def load_images(path_or_name, *, split: str | None = None, layout: str | None = 
       channels, or an ``.npz`` holding ``train`` (optional ``test``, ``train_labels``,
       ``test_labels``), Keras's ``x_train``/``y_train``/``x_test``/``y_test``, or one array.
       uint8, or another integer or float dtype whose values are all integers in [0, 255];
-    * ``"digits"``: scikit-learn's 1797 8×8 digits as ``train`` ``(1797, 1, 8, 8)`` with their
+    * ``"digits"`` (or ``"digits-images"``): scikit-learn's 1797 8×8 digits as ``train`` ``(1797, 1, 8, 8)`` with their
       labels, in file order. Their pixels take **17 levels (0–16)**, so ``n_levels`` is 17 and
       bits per dimension must use 17 bins, not 256 (needs scikit-learn).
 
@@ -590,7 +595,7 @@ def _is_image_file(path: Path) -> bool:
 def is_image_source(path) -> bool:
     """Whether ``path`` names image data that :func:`load_images` reads (never raises).
 
-    True for the name ``"digits"``, an IDX image file (plain or ``.gz``, by its magic
+    True for the names ``"digits"`` and ``"digits-images"``, an IDX image file (plain or ``.gz``, by its magic
     number), a directory with MNIST-style IDX image files, CIFAR-10's binary batches (a
     ``.bin`` file whose size is a multiple of 3073 bytes, or their directory, or the one
     holding ``cifar-10-batches-bin``), and a ``.npy``/``.npz`` whose (training) array is uint8
