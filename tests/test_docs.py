@@ -53,10 +53,17 @@ def test_docs_build_strict(tmp_path):
     assert (site / "architecture" / "index.html").exists()
 
 
-def test_readme_states_the_test_command_ci_runs():
-    """`.ci/run` runs exactly the test command the README gives."""
+def test_ci_runs_the_readmes_test_command():
+    """The README opens with the two commands; `.ci/run` calls its test command, which runs
+    `python -m pytest` (once)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    first_block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [line.strip() for line in first_block.splitlines() if line.strip()]
+    assert commands == ["bash scripts/dev.sh demo", "bash scripts/dev.sh test"], commands
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    commands = [line.strip() for line in ci.splitlines() if re.match(r"\s*python -m pytest\b", line)]
-    assert len(commands) == 1, f".ci/run should run one pytest command, found {commands}"
-    readme_lines = {line.strip() for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()}
-    assert commands[0] in readme_lines, f"README.md does not give the test command {commands[0]!r}"
+    calls = [line.strip() for line in ci.splitlines() if re.match(r"\s*bash scripts/dev\.sh test\b", line)]
+    assert len(calls) == 1, f".ci/run should call `bash scripts/dev.sh test` once, found {calls}"
+    script = (REPO / "scripts" / "dev.sh").read_text(encoding="utf-8")
+    assert len(re.findall(r"^\s*python -m pytest\b", script, re.M)) == 1
+
+
