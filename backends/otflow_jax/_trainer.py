@@ -60,7 +60,9 @@ class JaxTrainer:
         self.backend = backend
         self.spec = optimizer
         self.replicas = data_parallel if getattr(data_parallel, "replicate", None) is not None else None
-        self.params = self._place(jax.tree_util.tree_map(jnp.asarray, params))
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+        self._sharding = jax.tree_util.tree_leaves(params)[0].sharding  # where the parameters live
+        self.params = self._place(params)
         self._tx = _transform(optimizer)
         self.opt_state = self._place(self._tx.init(self.params))
         self.compilations = 0
@@ -82,8 +84,13 @@ class JaxTrainer:
         self._step = jax.jit(step, donate_argnums=(0, 1), **out)
 
     def _place(self, tree):
-        """``tree`` replicated over the mesh (data-parallel), else as it is."""
-        return tree if self.replicas is None else self.replicas.replicate(tree)
+        """``tree`` replicated over the mesh (data-parallel), else committed to the parameters'
+        device: the step's outputs are committed arrays, and an uncommitted input (optax's
+        fresh step count, a parameter made without a device) would make the second call
+        compile the whole step again for the other argument placement."""
+        if self.replicas is not None:
+            return self.replicas.replicate(tree)
+        return jax.device_put(tree, self._sharding)
 
     def step(self, x, key, lr: float) -> dict:
         """One step (see :meth:`otflow.training.Trainer.step`)."""
