@@ -179,3 +179,21 @@ def test_too_many_devices_names_the_xla_flag():
     with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
         otflow.fit(np.random.default_rng(0).normal(size=(40, 2)), backend="jax", hidden=(4,), max_iters=1,
                    batch_size=n * 2, quiet=True, devices=n, method="rk4", steps=1)
+
+
+def test_the_command_line_trains_on_a_mesh(tmp_path):
+    """``otflow fit ... --set devices=2`` with two host devices: the saved model records a
+    two-device mesh."""
+    data = tmp_path / "data.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(64, 2)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = tmp_path / "model.safetensors"
+    done = subprocess.run([sys.executable, "-m", "otflow", "fit", str(data), "--backend", "jax", "--max-iters", "2",
+                           "--batch-size", "8", "--method", "euler", "--steps", "2", "--set", "hidden=[8]",
+                           "--set", "devices=2", "--quiet", "-o", str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    from otflow.cnf.serialize import read_file
+
+    meta = read_file(out)[1]["metadata"]
+    assert meta["fit"]["data_parallel"]["shards"] == 2, meta["fit"]["data_parallel"]

@@ -224,3 +224,30 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     full, resumed = np.load(tmp_path / "full.npz"), np.load(tmp_path / "resume.npz")
     for k in full.files:
         np.testing.assert_array_equal(resumed[k], full[k])
+
+
+def test_the_command_line_trains_data_parallel_under_torchrun(tmp_path):
+    """``torchrun --nproc_per_node 2 -m otflow fit ...``: both ranks train, only rank 0
+    saves the model and prints; the saved model records the two processes."""
+    data = tmp_path / "data.npy"
+    np.save(data, DATA)
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "otflow", "fit", str(data), "--backend", "torch", "--max-iters", "2",
+               "--batch-size", "8", "--method", "rk4", "--steps", "2", "--set", "hidden=[8]", "--quiet",
+               "-o", str(tmp_path / "model.safetensors")]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "saved" in outputs[0] and "saved" not in outputs[1], outputs
+    flow = otflow.load(tmp_path / "model.safetensors")
+    from otflow.cnf.serialize import read_file
+
+    meta = read_file(tmp_path / "model.safetensors")[1]["metadata"]
+    assert meta["fit"]["data_parallel"]["processes"] == 2
+    assert np.all(np.isfinite(flow.log_prob(DATA[:4])))

@@ -221,6 +221,34 @@ def test_fit_on_images_validates_in_bits_per_dim():
     np.testing.assert_allclose(last["val_nll"], again.mean * dim * math.log(2) - dim * math.log(256), rtol=1e-10)
 
 
+def test_training_objective_is_bits_per_dim_plus_the_penalties():
+    """RNODE trains images on bits/dim plus λ·penalties (its image code); in nats per image
+    the same λ would weigh D·log 2 times less. The loss of a batch of levels equals the
+    per-dimension conversion of the multiscale loss on the same noise and probes."""
+    torch = pytest.importorskip("torch")
+    from otflow.training.image_model import ImageTrainingLoss
+    from otflow.training.options import FitOptions
+
+    b = otflow.get_backend("torch")
+    cpu = b.device("cpu")
+    fields, params = _model(b, cpu)
+    opts = FitOptions.from_mapping(dict(lambda_kinetic=0.3, lambda_jacobian=0.2, method="rk4", steps=2,
+                                        standardize=False))
+    loss_fn = ImageTrainingLoss(SPEC, fields, opts, b, n_levels=17)
+    levels = b.asarray(np.random.default_rng(4).integers(0, 17, (5, *SPEC.image_shape)).astype(np.float64),
+                       device=cpu)
+    key = b.key(9)
+    loss, aux = loss_fn({"fields": params}, levels, key)
+    noise_key, probe_key = b.split(key, 2)
+    y = (levels + b.uniform(noise_key, tuple(levels.shape), dtype=torch.float64, device=cpu)) / 17
+    out = multiscale_rnode_loss(SPEC, fields, params, y, loss_fn.probes(probe_key, 5, torch.float64, cpu), T=1.0,
+                                backend=b, solver_kwargs=dict(method="rk4", n_steps=2))
+    dim = math.prod(SPEC.image_shape)
+    bpd = (_np(b, out.nll) / dim + math.log(17)) / math.log(2)
+    np.testing.assert_allclose(_np(b, aux["nll"]), bpd, rtol=1e-12)
+    np.testing.assert_allclose(_np(b, loss), bpd + 0.3 * _np(b, out.kinetic) + 0.2 * _np(b, out.jacobian), rtol=1e-12)
+
+
 def test_fit_on_images_lowers_the_loss_on_learnable_images():
     pytest.importorskip("torch")
     rng = np.random.default_rng(0)

@@ -14,6 +14,7 @@ different numbers of steps never wait on each other mid-solve.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import time
 
@@ -49,9 +50,17 @@ def process_group_replicas(backend, devices, device) -> "ProcessGroupReplicas | 
             return None
         cuda = backend.device(_local_device(device)).type == "cuda"
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        atexit.register(_destroy_process_group)  # the group otflow made: gloo aborts an exit that leaves it
     if dist.get_world_size() == 1:
         return None
     return ProcessGroupReplicas()
+
+
+def _destroy_process_group() -> None:
+    """Tear down the default process group at exit if it is still up (gloo's threads
+    otherwise end the process with ``terminate called without an active exception``)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _local_device(spec):

@@ -22,22 +22,10 @@ from ..ode.integrate import odeint, resolve_solver
 from .dynamics import DENSITY_NORM, RNODE_NORM, density_rhs, rnode_rhs, time_span
 from .multiscale import (MultiscaleSpec, _block_args, _block_times, _check_images, _check_model, _through_scales,
                          factored_log_density)
-from .objective import _SET_BY_THE_LOSS, RNODELoss, logit_transform
+from .objective import RNODELoss, checked_loss_options, logit_transform
 from .signature import backend_keyword
 
 __all__ = ["multiscale_rnode_loss"]
-
-
-def _check_loss_options(lambda_kinetic: float, lambda_jacobian: float, solver_kwargs: dict | None) -> dict:
-    if lambda_kinetic < 0 or lambda_jacobian < 0:
-        raise ValueError(f"λ must be non-negative, got lambda_kinetic={lambda_kinetic}, "
-                         f"lambda_jacobian={lambda_jacobian}")
-    kw = dict(solver_kwargs or {})
-    fixed = [k for k in _SET_BY_THE_LOSS if k in kw]
-    if fixed:
-        raise ValueError(f"multiscale_rnode_loss sets {', '.join(fixed)} itself; remove "
-                         f"{'it' if len(fixed) == 1 else 'them'} from solver_kwargs")
-    return kw
 
 
 @backend_keyword
@@ -80,7 +68,7 @@ def multiscale_rnode_loss(spec: MultiscaleSpec, fields: Sequence, params: Sequen
     :raises ValueError: a negative λ, ``solver_kwargs`` setting what the loss sets, or
         fields, parameters, times, probes or images that do not fit the spec.
     """
-    kw = _check_loss_options(lambda_kinetic, lambda_jacobian, solver_kwargs)
+    kw = checked_loss_options("multiscale_rnode_loss", lambda_kinetic, lambda_jacobian, solver_kwargs)
     _check_model(spec, fields, params)
     _check_images(spec, y, "y")
     b = get_backend(backend, like=y)

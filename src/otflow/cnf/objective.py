@@ -75,14 +75,7 @@ def rnode_loss(fields: Sequence, params: Sequence, x, eps, *, T: Sequence, backe
     :returns: an :class:`RNODELoss`.
     :raises ValueError: for a negative λ, or ``solver_kwargs`` setting what the loss sets.
     """
-    if lambda_kinetic < 0 or lambda_jacobian < 0:
-        raise ValueError(f"λ must be non-negative, got lambda_kinetic={lambda_kinetic}, "
-                         f"lambda_jacobian={lambda_jacobian}")
-    kw = dict(solver_kwargs or {})
-    fixed = [k for k in _SET_BY_THE_LOSS if k in kw]
-    if fixed:
-        raise ValueError(f"rnode_loss sets {', '.join(fixed)} itself; remove {'it' if len(fixed) == 1 else 'them'} "
-                         "from solver_kwargs")
+    kw = checked_loss_options("rnode_loss", lambda_kinetic, lambda_jacobian, solver_kwargs)
     b = get_backend(backend, like=x)
     xp = b.namespace()
     adaptive = resolve_solver(kw.get("method", "dopri5")).adaptive
@@ -108,6 +101,27 @@ def rnode_loss(fields: Sequence, params: Sequence, x, eps, *, T: Sequence, backe
     kinetic, jacobian = xp.mean(kin), xp.mean(jac)
     loss = nll + lambda_kinetic * kinetic + lambda_jacobian * jacobian
     return RNODELoss(loss=loss, nll=nll, kinetic=kinetic, jacobian=jacobian, nfe=nfe, status=status)
+
+
+def checked_loss_options(name: str, lambda_kinetic: float, lambda_jacobian: float, solver_kwargs: dict | None) -> dict:
+    """The checks every RNODE loss makes of its options.
+
+    :param name: the loss's name, for the messages.
+    :param lambda_kinetic: λ_K.
+    :param lambda_jacobian: λ_J.
+    :param solver_kwargs: the odeint keywords given.
+    :returns: a copy of ``solver_kwargs``.
+    :raises ValueError: a negative λ, or ``solver_kwargs`` setting what the loss sets.
+    """
+    if lambda_kinetic < 0 or lambda_jacobian < 0:
+        raise ValueError(f"λ must be non-negative, got lambda_kinetic={lambda_kinetic}, "
+                         f"lambda_jacobian={lambda_jacobian}")
+    kw = dict(solver_kwargs or {})
+    fixed = [k for k in _SET_BY_THE_LOSS if k in kw]
+    if fixed:
+        raise ValueError(f"{name} sets {', '.join(fixed)} itself; remove {'it' if len(fixed) == 1 else 'them'} "
+                         "from solver_kwargs")
+    return kw
 
 
 def bits_per_dim(log_prob, dim: int, *, n_bins: int = 256):

@@ -226,37 +226,40 @@ def prepare_data(source: DataSource, opts, rng: np.random.Generator) -> Training
     if source.dataset is not None:
         x = validate_data(datasets.sample(source.dataset, opts.n_train + max(opts.val_points, 1), rng=rng))
     digest = hashlib.sha256(np.ascontiguousarray(x, dtype=np.float64).tobytes()).hexdigest()[:16]
+    train, val = _validation_split(x, opts, rng, "sample(s)")
+    shift = scale = None
+    if opts.standardize:
+        shift, scale = _standardization(train)
+        train = (train - shift) / scale
+    _check_range(train, opts.dtype)
+    return TrainingData(train=train, val=val, shift=shift, scale=scale, digest=digest)
+
+
+def _validation_split(x: np.ndarray, opts, rng: np.random.Generator, what: str):
+    """``(train, val)``: ``val_fraction`` of the rows (at most ``val_points``, None for
+    none) drawn from ``rng`` for validation, the rest for training.
+
+    :raises ValueError: fewer than 2 training rows left.
+    """
     n_val = 0
     if opts.val_fraction > 0:
         n_val = max(1, min(opts.val_points, int(round(opts.val_fraction * x.shape[0]))))
     perm = rng.permutation(x.shape[0])
     val, train = x[perm[:n_val]], x[perm[n_val:]]
     if train.shape[0] < 2:
-        raise ValueError(f"only {train.shape[0]} training sample(s) after the validation split; "
+        raise ValueError(f"only {train.shape[0]} training {what} after the validation split; "
                          "lower val_fraction or supply more data")
-    shift = scale = None
-    if opts.standardize:
-        shift, scale = _standardization(train)
-        train = (train - shift) / scale
-    _check_range(train, opts.dtype)
-    return TrainingData(train=train, val=val if n_val else None, shift=shift, scale=scale, digest=digest)
+    return train, (val if n_val else None)
 
 
 def _prepare_images(images: ImageData, opts, rng: np.random.Generator) -> TrainingData:
     """The validation split of image data (the training part; no standardization)."""
     x = images.train
     digest = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
-    n_val = 0
-    if opts.val_fraction > 0:
-        n_val = max(1, min(opts.val_points, int(round(opts.val_fraction * x.shape[0]))))
-    perm = rng.permutation(x.shape[0])
-    val, train = x[perm[:n_val]], x[perm[n_val:]]
-    if train.shape[0] < 2:
-        raise ValueError(f"only {train.shape[0]} training image(s) after the validation split; "
-                         "lower val_fraction or supply more images")
-    levels = ImageLevels(val, images.n_levels, image_eval_estimator(opts, int(np.prod(x.shape[1:]))))
-    return TrainingData(train=train, val=levels if n_val else None, shift=None, scale=None, digest=digest,
-                        n_levels=images.n_levels)
+    train, val = _validation_split(x, opts, rng, "image(s)")
+    levels = None if val is None else ImageLevels(val, images.n_levels,
+                                                  image_eval_estimator(opts, int(np.prod(x.shape[1:]))))
+    return TrainingData(train=train, val=levels, shift=None, scale=None, digest=digest, n_levels=images.n_levels)
 
 
 #: the largest image (values ``C·H·W``) validated with the exact trace when ``eval_estimator`` is None
