@@ -13,7 +13,6 @@ user did not set (:data:`IMAGE_DEFAULTS`); :func:`resolve_image_options` applies
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -56,9 +55,7 @@ def resolve_image_options(opts):
         raise ValueError(f"n_blocks={opts.n_blocks} does not apply to image data: the multiscale model has "
                          "blocks_per_scale CNF blocks before and after each squeeze (n_scales scales); "
                          "set blocks_per_scale instead")
-    resolved = dataclasses.replace(opts, **{k: v for k, v in IMAGE_DEFAULTS.items() if k not in given})
-    object.__setattr__(resolved, "_given", given)
-    return resolved
+    return opts.resolved(**{k: v for k, v in IMAGE_DEFAULTS.items() if k not in given})
 
 
 def with_eval_estimator(opts, data):
@@ -71,9 +68,7 @@ def with_eval_estimator(opts, data):
     """
     if opts.eval_estimator is not None:
         return opts
-    resolved = dataclasses.replace(opts, eval_estimator=image_eval_estimator(opts, data.dim))
-    object.__setattr__(resolved, "_given", opts.given)
-    return resolved
+    return opts.resolved(eval_estimator=image_eval_estimator(opts, data.dim))
 
 
 def image_spec(opts, image_shape) -> MultiscaleSpec:

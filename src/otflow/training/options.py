@@ -218,6 +218,17 @@ class FitOptions:
         object.__setattr__(opts, "_given", frozenset(options))  # what image data must not override
         return opts
 
+    def resolved(self, **values) -> "FitOptions":
+        """These options with ``values`` filled in by otflow (not by the user): validated
+        again, and :attr:`given` stays what the user set.
+
+        :param values: option names and values.
+        :returns: the new options.
+        """
+        opts = dataclasses.replace(self, **values)
+        object.__setattr__(opts, "_given", self.given)
+        return opts
+
     @property
     def given(self) -> frozenset:
         """The names of the options set explicitly (the keys given to :meth:`from_mapping`,
