@@ -186,7 +186,7 @@ def test_the_old_backend_first_form_names_the_new_one(autodiff_backend):
     field, params, x, eps = _loss_problem(b)
     calls = {
         r"rnode_loss\(fields, params, x, eps, \*, T, backend=None, lambda_kinetic=0\.01, lambda_jacobian=0\.01, "
-        r"solver_kwargs=None\)": lambda: rnode_loss(b, [field], [params], x, eps, T=[1.0]),
+        r"solver_kwargs=None, context=None\)": lambda: rnode_loss(b, [field], [params], x, eps, T=[1.0]),
         r"dequantize\(key, x, \*, backend=None, n_bins=256\)": lambda: dequantize(b, b.key(0), x),
         r"density_rhs\(field, \*, backend, estimator='exact'\)": lambda: density_rhs(b, field, "exact"),
         r"rnode_rhs\(field, \*, backend\)": lambda: rnode_rhs(b, field),

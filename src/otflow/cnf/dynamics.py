@@ -11,6 +11,11 @@ integrals to the state, both from the same Hutchinson vector–Jacobian product:
 with ``mean_d`` the mean over the ``d`` features (the scaling of the RNODE code,
 so the λ values transfer). The probe ``ε`` is drawn once per solve and passed
 in ``args``; the integrals are left out of adaptive error control.
+
+A conditional field ``v(t, x | c)`` (``field.context_dim > 0``) gets its context through
+the ``args`` of the solve, next to the parameters and the probe, never in the state: the
+context is constant along the trajectory, the divergence is taken with respect to the
+state only, and the RNODE integrals are unchanged.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from .divergence import _exact_trace, _probe_vjp
 from .signature import backend_keyword
 
 __all__ = ["standard_normal_logpdf", "feature_sum", "feature_mean", "flow_rhs", "density_rhs", "rnode_rhs",
-           "DENSITY_NORM", "RNODE_NORM", "DENSITY_ESTIMATORS", "time_span"]
+           "DENSITY_NORM", "RNODE_NORM", "DENSITY_ESTIMATORS", "time_span", "is_conditional"]
 
 #: error control of (z, Δlogp): the largest per-leaf RMS (as the FFJORD/RNODE code)
 DENSITY_NORM = ErrorNorm("leaf_rms_max")
@@ -65,17 +70,37 @@ def time_span(xp, t_end, *, reverse: bool = False):
     return xp.stack(span[::-1] if reverse else span)
 
 
+def is_conditional(field) -> bool:
+    """Whether ``field`` takes a context vector (its ``context_dim`` is positive)."""
+    return getattr(field, "context_dim", 0) > 0
+
+
 def flow_rhs(field):
-    """``dz/dt = v(t, z)`` with ``args = params`` (transport only, no density).
+    """``dz/dt = v(t, z)`` with ``args = params`` (transport only, no density); for a
+    conditional field ``dz/dt = v(t, z | c)`` with ``args = (params, context)``.
 
     :param field: a :class:`~otflow.VelocityField`.
-    :returns: ``rhs(t, z, params)`` for :func:`otflow.odeint`.
+    :returns: ``rhs(t, z, args)`` for :func:`otflow.odeint`.
     """
+    if is_conditional(field):
+
+        def rhs(t, z, args):
+            params, context = args
+            return field.apply(params, t, z, context)
+
+        return rhs
 
     def rhs(t, z, params):
         return field.apply(params, t, z)
 
     return rhs
+
+
+def _velocity(field, params, t, context):
+    """``y ↦ v(t, y)`` (or ``v(t, y | context)``), the function whose divergence is taken."""
+    if context is None:
+        return lambda y: field.apply(params, t, y)
+    return lambda y: field.apply(params, t, y, context)
 
 
 @backend_keyword
@@ -86,22 +111,25 @@ def density_rhs(field, *, backend: str | Backend, estimator: str = "exact"):
     :param backend: the backend (name or object) whose autodiff takes the divergence.
     :param estimator: ``"exact"`` (the trace, evaluation) with ``args = params``, or
         ``"hutchinson"`` (one probe for the whole solve, FFJORD's training estimate) with
-        ``args = (params, eps)``.
+        ``args = (params, eps)``. A conditional field takes its context last:
+        ``args = (params, context)`` and ``(params, eps, context)``.
     :returns: ``rhs(t, (z, Δlogp), args)`` for :func:`otflow.odeint`.
     :raises ValueError: for another estimator.
     """
     b = get_backend(backend)
+    conditional = is_conditional(field)
     if estimator == "exact":
 
-        def rhs(t, state, params):
-            v, div = _exact_trace(b, lambda y: field.apply(params, t, y), state[0])
+        def rhs(t, state, args):
+            params, context = args if conditional else (args, None)
+            v, div = _exact_trace(b, _velocity(field, params, t, context), state[0])
             return (v, -div)
 
     elif estimator == "hutchinson":
 
         def rhs(t, state, args):
-            params, eps = args
-            v, div, _ = _probe_vjp(b, lambda y: field.apply(params, t, y), state[0], eps)
+            params, eps, context = args if conditional else (*args, None)
+            v, div, _ = _probe_vjp(b, _velocity(field, params, t, context), state[0], eps)
             return (v, -div)
 
     else:
@@ -117,16 +145,17 @@ def rnode_rhs(field, *, backend: str | Backend):
 
     :param field: a :class:`~otflow.VelocityField`.
     :param backend: the backend (name or object) whose autodiff takes the VJP.
-    :returns: ``rhs(t, (z, Δlogp, E_K, E_J), (params, eps))`` for :func:`otflow.odeint`;
-        integrate it with :data:`RNODE_NORM` so the regularizer integrals stay out of
-        error control.
+    :returns: ``rhs(t, (z, Δlogp, E_K, E_J), (params, eps))`` for :func:`otflow.odeint`
+        (``(params, eps, context)`` for a conditional field); integrate it with
+        :data:`RNODE_NORM` so the regularizer integrals stay out of error control.
     """
     b = get_backend(backend)
     xp = b.namespace()
+    conditional = is_conditional(field)
 
     def rhs(t, state, args):
-        params, eps = args
-        v, div, eps_jac = _probe_vjp(b, lambda y: field.apply(params, t, y), state[0], eps)
+        params, eps, context = args if conditional else (*args, None)
+        v, div, eps_jac = _probe_vjp(b, _velocity(field, params, t, context), state[0], eps)
         kinetic = 0.5 * feature_mean(xp, v * v)
         jacobian = feature_mean(xp, eps_jac * eps_jac)
         return (v, -div, kinetic, jacobian)

@@ -52,13 +52,19 @@ class VelocityField:
         """
         raise NotImplementedError
 
-    def apply(self, params, t, x):
-        """The velocity ``v(t, x)``.
+    #: the length of the context vector ``c`` the field is conditioned on (0: unconditional)
+    context_dim: int = 0
+
+    def apply(self, params, t, x, context=None):
+        """The velocity ``v(t, x)`` (or ``v(t, x | c)`` for a conditional field).
 
         :param params: the parameter tree.
         :param t: the time, a 0-d array.
         :param x: the points, shape ``(batch, *event_shape)``.
-        :returns: ``v``, shaped like ``x``; row ``i`` depends only on row ``i`` of ``x``.
+        :param context: a conditional field's context, shape ``(batch, context_dim)``
+            (row ``i`` conditions row ``i`` of ``x``); None for an unconditional field.
+        :returns: ``v``, shaped like ``x``; row ``i`` depends only on row ``i`` of ``x``
+            (and of ``context``).
         """
         raise NotImplementedError
 
@@ -90,6 +96,16 @@ class MLP(VelocityField):
     * ``"concat"`` (ConcatLinear): ``W [t, x] + b``;
     * ``"ignore"``: ``W x + b`` (autonomous field).
 
+    With ``context_dim > 0`` the field is conditional, ``v(t, x | c)`` (the context
+    conditioning of FFJORD's conditional models and of zuko's ``context``): every layer
+    also sees the context ``c``, shape ``(batch, context_dim)``. ConcatSquash layers take
+    it in their gate and their shift, ``(W x + b)·σ(a t + G c + g) + d t + H c``; ``"concat"``
+    and ``"ignore"`` layers take it concatenated to their input, ``W [t, c, x] + b`` and
+    ``W [c, x] + b``. Row ``i`` of ``v`` depends on row ``i`` of ``x`` and ``c`` only, so
+    the divergence (taken with respect to ``x``, ``c`` held fixed) is estimated as for an
+    unconditional field. With ``context_dim = 0`` (the default) the parameters and the
+    numbers are those of the unconditional field exactly.
+
     Weights are initialized like ``torch.nn.Linear`` (uniform on ±1/√fan_in, fan_in of
     the time gate = 1). With ``zero_last=True`` (RNODE's default) the last layer starts
     at zero, so the initial flow is the identity and the first solver steps are cheap.
@@ -100,6 +116,7 @@ class MLP(VelocityField):
     :param activation: one of :data:`ACTIVATIONS`.
     :param conditioning: one of :data:`CONDITIONINGS`.
     :param zero_last: start the last layer at zero.
+    :param context_dim: the length of the context vector (0: an unconditional field).
     """
 
     event_shape: tuple[int, ...]
@@ -107,6 +124,7 @@ class MLP(VelocityField):
     activation: str = "tanh"
     conditioning: str = "concatsquash"
     zero_last: bool = True
+    context_dim: int = 0
     dim: int = field(init=False)
 
     def __post_init__(self):
@@ -122,6 +140,8 @@ class MLP(VelocityField):
             raise ValueError(unknown_option_message("activation", self.activation, ACTIVATIONS))
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(unknown_option_message("conditioning", self.conditioning, CONDITIONINGS))
+        if isinstance(self.context_dim, bool) or not isinstance(self.context_dim, int) or self.context_dim < 0:
+            raise ValueError(f"MLP: context_dim must be an int >= 0 (0: no context), got {self.context_dim!r}")
         object.__setattr__(self, "dim", math.prod(shape))
 
     @property
@@ -132,11 +152,15 @@ class MLP(VelocityField):
         xp = backend.namespace()
         widths = self.widths
         n_layers = len(widths) - 1
-        keys = backend.split(key, 5 * n_layers)
+        cdim = self.context_dim
+        per_layer = 7 if cdim else 5  # unconditional fields draw exactly as before
+        keys = backend.split(key, per_layer * n_layers)
         layers = []
         for i, (din, dout) in enumerate(zip(widths[:-1], widths[1:])):
-            k = keys[5 * i: 5 * i + 5]
+            k = keys[per_layer * i: per_layer * i + per_layer]
             fan_in = din + (1 if self.conditioning == "concat" else 0)
+            if cdim and self.conditioning != "concatsquash":
+                fan_in += cdim
             bound = 1.0 / math.sqrt(fan_in)
             last_zero = self.zero_last and i == n_layers - 1
 
@@ -150,29 +174,58 @@ class MLP(VelocityField):
                 layer["gate_weight"] = u(k[2], (dout,), 1.0)
                 layer["gate_bias"] = u(k[3], (dout,), 1.0)
                 layer["time_bias"] = u(k[4], (dout,), 1.0, last_zero)
+                if cdim:
+                    c_bound = 1.0 / math.sqrt(cdim)
+                    layer["context_gate"] = u(k[5], (cdim, dout), c_bound)
+                    layer["context_bias"] = u(k[6], (cdim, dout), c_bound, last_zero)
             layers.append(layer)
         return tuple(layers)
 
-    def apply(self, params, t, x):
+    def apply(self, params, t, x, context=None):
         xp = array_namespace(x)
         batch = x.shape[0]
+        c = self._checked_context(xp, context, batch)
         h = xp.reshape(x, (batch, self.dim)) if len(self.event_shape) > 1 else x
         n = len(params)
         for i, layer in enumerate(params):
             if self.conditioning == "concat":
                 tt = xp.zeros((batch, 1), dtype=h.dtype, device=_device(h)) + t
-                h = xp.concat([tt, h], axis=1) @ layer["weight"] + layer["bias"]
+                h = xp.concat([tt, h] if c is None else [tt, c, h], axis=1) @ layer["weight"] + layer["bias"]
+            elif self.conditioning == "ignore":
+                h = (h if c is None else xp.concat([c, h], axis=1)) @ layer["weight"] + layer["bias"]
             else:
-                h = h @ layer["weight"] + layer["bias"]
-                if self.conditioning == "concatsquash":
-                    h = h * _sigmoid(xp, layer["gate_weight"] * t + layer["gate_bias"]) + layer["time_bias"] * t
+                gate = layer["gate_weight"] * t + layer["gate_bias"]
+                if c is None:
+                    h = (h @ layer["weight"] + layer["bias"]) * _sigmoid(xp, gate) + layer["time_bias"] * t
+                else:
+                    h = ((h @ layer["weight"] + layer["bias"]) * _sigmoid(xp, gate + c @ layer["context_gate"])
+                         + layer["time_bias"] * t + c @ layer["context_bias"])
             if i < n - 1:
                 h = _activate(xp, self.activation, h)
         return xp.reshape(h, x.shape) if len(self.event_shape) > 1 else h
 
+    def _checked_context(self, xp, context, batch: int):
+        """The context as the layers use it, or None; a clear error for a missing, unexpected
+        or wrong-shaped one (shapes are static, so this runs under tracing too)."""
+        if not self.context_dim:
+            if context is not None:
+                raise ValueError("this MLP is unconditional (context_dim=0) but was given a context; build it "
+                                 "with MLP(..., context_dim=<length of c>) to condition on one, or pass no context")
+            return None
+        if context is None:
+            raise ValueError(f"this MLP is conditional (context_dim={self.context_dim}) and needs a context: "
+                             f"apply(params, t, x, context=c) with c of shape (batch, {self.context_dim})")
+        if tuple(context.shape) != (batch, self.context_dim):
+            raise ValueError(f"context must have shape (batch, context_dim) = ({batch}, {self.context_dim}), "
+                             f"got {tuple(context.shape)}")
+        return context
+
     def config(self) -> dict:
-        return {"type": "MLP", "event_shape": list(self.event_shape), "hidden": list(self.hidden),
-                "activation": self.activation, "conditioning": self.conditioning, "zero_last": self.zero_last}
+        cfg = {"type": "MLP", "event_shape": list(self.event_shape), "hidden": list(self.hidden),
+               "activation": self.activation, "conditioning": self.conditioning, "zero_last": self.zero_last}
+        if self.context_dim:  # unconditional fields keep the description earlier versions wrote
+            cfg["context_dim"] = self.context_dim
+        return cfg
 
 
 def _device(x):

@@ -8,6 +8,11 @@ latent ``z`` at ``t = T``; ``dz/dt = v(t, z)`` pushes data to the standard norma
 (the last term undoes the stored standardization ``(x − shift)/scale``).
 Blocks are chained: block ``k`` starts where block ``k−1`` ended.
 
+A conditional flow ``p(x | c)`` (fields with ``context_dim > 0``) takes a context with
+every evaluation (``context=``: one vector for all rows, or one per row); the context is
+standardized by the flow's stored ``(c − context_shift)/context_scale`` (no Jacobian term:
+the density is over ``x`` only) and passed to the fields through the solves' ``args``.
+
 Evaluation is never differentiated: parameters, end times and inputs enter it with
 their gradients stopped, and adaptive solves use the forward-only loop (on JAX the
 cheapest; on torch no autograd graph is kept). On compiling backends every evaluation
@@ -369,13 +374,15 @@ class _EvaluatedBlocks:
             self._times_array = (self.T, array)
         return self._times_array[1]
 
-    def _run_chunked(self, kind: str, x, batch_size: int | None, on_failure: str, extra=None):
+    def _run_chunked(self, kind: str, x, batch_size: int | None, on_failure: str, extra=None, context=None):
         """Evaluate ``kind`` over ``x`` in chunks; pad the last chunk on compiling backends so
         that one compiled function serves every chunk.
 
         :param extra: None, or ``extra(index, rows)``: a tuple of further arguments of the
             chunk function for chunk number ``index`` of ``rows`` rows (padding included),
             each array with ``rows`` leading entries (per-row probes).
+        :param context: None, or a conditional flow's standardized contexts, one row per row
+            of ``x``: chunked (and padded) with ``x`` and passed right after it.
         """
         if not isinstance(on_failure, str):
             raise TypeError(f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, got {on_failure!r}")
@@ -398,6 +405,8 @@ class _EvaluatedBlocks:
                 pad = xp.zeros((batch_size - m, *chunk.shape[1:]), dtype=chunk.dtype, device=b.device_of(chunk))
                 chunk = xp.concat([chunk, pad], axis=0)
             args = () if extra is None else tuple(extra(index, chunk.shape[0]))
+            if context is not None:
+                args = (_rows_padded(xp, context[start:start + batch_size, ...], chunk.shape[0]), *args)
             out, status, nfe = fn(self.params, times, chunk, *args)
             total_nfe += int(b.to_numpy(nfe))
             if int(b.to_numpy(status)) != Status.SUCCESS:
@@ -452,7 +461,14 @@ class Flow(_EvaluatedBlocks):
     :param eval_solver: the solver for evaluation (default: Dormand–Prince, rtol = atol = 1e-5).
     :param output: ``"numpy"`` (default): every evaluation method returns numpy arrays,
         whatever the input type; ``"native"``: the backend's arrays (torch tensors, JAX arrays).
-    :raises ValueError: for inconsistent fields and parameters, a bad ``T``, ``scale`` or ``output``.
+    :param context_shift: for a conditional flow (fields built with ``context_dim > 0``),
+        with ``context_scale`` the standardization ``(c − context_shift)/context_scale`` the
+        flow applies to every context it is given, so callers pass raw contexts; None: the
+        context is passed to the fields as it is.
+    :param context_scale: see ``context_shift``; positive.
+    :raises ValueError: for inconsistent fields and parameters, a bad ``T``, ``scale`` or ``output``,
+        blocks with different ``context_dim``, or a context standardization on an
+        unconditional flow.
     :raises TypeError: for an ``eval_solver`` that is not a :class:`SolverOptions`.
     """
 
@@ -470,9 +486,14 @@ class Flow(_EvaluatedBlocks):
     """Right-hand-side evaluations of the last evaluation call (all chunks and blocks);
     None before the first."""
 
+    context_dim: int
+    """The length of the context vector of a conditional flow ``p(x | c)`` (its fields'
+    ``context_dim``); 0 for an unconditional flow."""
+
     def __init__(self, fields: Sequence[VelocityField], params: Sequence, *, backend: str | Backend,
                  device=None, dtype="float32", T: float | Sequence[float] = 1.0, shift=None, scale=None,
-                 eval_solver: SolverOptions | None = None, output: str = "numpy"):
+                 eval_solver: SolverOptions | None = None, output: str = "numpy", context_shift=None,
+                 context_scale=None):
         self.backend = get_backend(backend)
         xp = self.backend.namespace()
         self.fields = tuple(fields)
@@ -488,6 +509,18 @@ class Flow(_EvaluatedBlocks):
         self.scale = None if scale is None else self._const(scale)
         if self.scale is not None and not bool(xp.all(self.scale > 0)):
             raise ValueError("scale must be positive")
+        dims = {getattr(f, "context_dim", 0) for f in self.fields}
+        if len(dims) != 1:
+            raise ValueError(f"all blocks must share one context_dim, got {sorted(dims)}")
+        self.context_dim = dims.pop()
+        if self.context_dim == 0 and (context_shift is not None or context_scale is not None):
+            raise ValueError("context_shift/context_scale standardize the context of a conditional flow; these "
+                             "fields take no context (context_dim=0): drop them")
+        cshape = (self.context_dim,)
+        self.context_shift = None if context_shift is None else self._const(context_shift, cshape)
+        self.context_scale = None if context_scale is None else self._const(context_scale, cshape)
+        if self.context_scale is not None and not bool(xp.all(self.context_scale > 0)):
+            raise ValueError("context_scale must be positive")
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -529,9 +562,9 @@ class Flow(_EvaluatedBlocks):
         return cls([field], [params], backend=b, device=device, dtype=dtype, T=T, shift=shift, scale=scale,
                    eval_solver=eval_solver, output=output)
 
-    def _const(self, value):
+    def _const(self, value, shape=None):
         arr = np.asarray(self.backend.to_numpy(value) if self.backend.owns(value) else value, dtype=np.float64)
-        arr = np.broadcast_to(arr, self.event_shape).copy()
+        arr = np.broadcast_to(arr, self.event_shape if shape is None else shape).copy()
         if not np.all(np.isfinite(arr)):
             raise ValueError("shift and scale must be finite")
         return self.backend.asarray(arr, dtype=self.dtype, device=self.device)
@@ -557,6 +590,36 @@ class Flow(_EvaluatedBlocks):
             x = x + self.shift
         return x
 
+    def _context(self, context, n: int):
+        """The standardized contexts of ``n`` rows: ``context`` of shape ``(context_dim,)``
+        (one for every row) or ``(n, context_dim)``; None for an unconditional flow.
+
+        :raises ValueError: a context missing for a conditional flow, given to an
+            unconditional one, or of the wrong shape or with NaN.
+        """
+        if self.context_dim == 0:
+            if context is not None:
+                raise ValueError("this flow is unconditional (it was built without a context), so context= does not "
+                                 "apply; drop it, or fit a conditional flow with otflow.fit(x, context=c)")
+            return None
+        if context is None:
+            raise ValueError(f"this flow is conditional, p(x | c) with a {self.context_dim}-dimensional context; pass "
+                             f"context= of shape ({self.context_dim},) (one for all rows) or (n, {self.context_dim})")
+        shape = tuple(getattr(context, "shape", np.shape(context)))
+        if shape == (self.context_dim,):
+            one = context[None, ...] if self.backend.owns(context) else np.asarray(context)[None]
+            c = self.backend.namespace().broadcast_to(self._input(one, "context", shape), (n, self.context_dim))
+        else:
+            c = self._input(context, "context", (self.context_dim,))
+            if c.shape[0] != n:
+                raise ValueError(f"context has {c.shape[0]} rows but there are {n} points; pass one context per "
+                                 f"point, shape ({n}, {self.context_dim}), or one for all, shape ({self.context_dim},)")
+        if self.context_shift is not None:
+            c = c - self.context_shift
+        if self.context_scale is not None:
+            c = c / self.context_scale
+        return c
+
     def _chunk_function(self, kind: str, block_kwargs):
         """The uncompiled chunk function of ``kind`` (``"log_prob"``, ``"transform"``, ``"inverse"``)."""
         if kind == "log_prob":
@@ -569,7 +632,7 @@ class Flow(_EvaluatedBlocks):
     # public evaluation
 
     @reject_unknown_keywords
-    def log_prob(self, x, *, batch_size: int | None = None, on_failure: str = "raise"):
+    def log_prob(self, x, *, context=None, batch_size: int | None = None, on_failure: str = "raise"):
         """``log p(x)`` per row, with the exact divergence and the evaluation solver.
 
         Rows share adaptive steps within a chunk, so a point's value depends on its
@@ -579,63 +642,81 @@ class Flow(_EvaluatedBlocks):
 
         :param x: points, shape ``(n, *event_shape)``: a numpy array, a list, or an array
             of the backend.
+        :param context: a conditional flow's context (raw; the flow standardizes it): shape
+            ``(context_dim,)`` for every row, or ``(n, context_dim)`` one per row. None for
+            an unconditional flow.
         :param batch_size: rows per chunk (default: as many as keep the exact trace's
             ``d × rows × d`` basis batch under 2²⁵ elements).
         :param on_failure: ``"raise"`` (a :class:`~otflow.SolverError` naming remedies), or
             ``"nan"``: NaN, with a warning, for the points whose solve fails.
         :returns: shape ``(n,)``, in the flow's :attr:`output` type.
         :raises CapabilityError: on a backend without autodiff (the trace needs it).
+        :raises ValueError: for bad points, or a context missing (conditional flow),
+            unexpected (unconditional flow) or wrong-shaped.
         """
         xb = self._input(x)
-        out = self._run_chunked("log_prob", self._standardize(xb), batch_size, on_failure)
+        c = self._context(context, xb.shape[0])
+        out = self._run_chunked("log_prob", self._standardize(xb), batch_size, on_failure, context=c)
         return self._output(out - self.log_scale_sum)
 
     @reject_unknown_keywords
-    def transform(self, x, *, batch_size: int | None = None, on_failure: str = "raise"):
+    def transform(self, x, *, context=None, batch_size: int | None = None, on_failure: str = "raise"):
         """Data → latent: ``z = φ_T(standardize(x))``.
 
         :param x: points, shape ``(n, *event_shape)``.
+        :param context: a conditional flow's context, as for :meth:`log_prob`.
         :param batch_size: rows per chunk, as for :meth:`log_prob`.
         :param on_failure: as for :meth:`log_prob`.
         :returns: ``z``, shaped like ``x``, in the flow's :attr:`output` type.
         """
         xb = self._input(x)
-        return self._output(self._run_chunked("transform", self._standardize(xb), batch_size, on_failure))
+        c = self._context(context, xb.shape[0])
+        return self._output(self._run_chunked("transform", self._standardize(xb), batch_size, on_failure,
+                                              context=c))
 
     @reject_unknown_keywords
-    def inverse(self, z, *, batch_size: int | None = None, on_failure: str = "raise"):
+    def inverse(self, z, *, context=None, batch_size: int | None = None, on_failure: str = "raise"):
         """Latent → data: integrate backwards from ``T`` to 0 and undo the standardization.
 
         :param z: latent points, shape ``(n, *event_shape)``.
+        :param context: a conditional flow's context, as for :meth:`log_prob`.
         :param batch_size: rows per chunk, as for :meth:`log_prob`.
         :param on_failure: as for :meth:`log_prob`.
         :returns: ``x``, shaped like ``z``, in the flow's :attr:`output` type.
         """
         zb = self._input(z, "z")
-        return self._output(self._unstandardize(self._run_chunked("inverse", zb, batch_size, on_failure)))
+        c = self._context(context, zb.shape[0])
+        return self._output(self._unstandardize(self._run_chunked("inverse", zb, batch_size, on_failure,
+                                                                  context=c)))
 
     @reject_unknown_keywords(replaced=_SAMPLE_REPLACED)
-    def sample(self, n: int, *, seed: int = 0, batch_size: int | None = None):
+    def sample(self, n: int, *, context=None, seed: int = 0, batch_size: int | None = None):
         """``n`` samples: standard normal draws pushed through the inverse flow.
 
         :param n: the number of samples.
+        :param context: a conditional flow's context: shape ``(context_dim,)`` (every sample
+            from ``p(x | c)`` of that one ``c``) or ``(n, context_dim)`` (sample ``i`` from
+            ``p(x | c_i)``); raw, the flow standardizes it. None for an unconditional flow.
         :param seed: seeds the base draws (the same seed gives the same samples).
         :param batch_size: rows per chunk, as for :meth:`log_prob`.
         :returns: shape ``(n, *event_shape)``, in the flow's :attr:`output` type.
-        :raises ValueError: for ``n`` not a positive int.
+        :raises ValueError: for ``n`` not a positive int, or a context missing, unexpected
+            or wrong-shaped.
         """
         if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n <= 0:
             raise ValueError(f"n must be a positive int, got {n!r}")
+        c = self._context(context, int(n))
         b = self.backend
         z = b.normal(b.key(seed), (int(n), *self.event_shape), dtype=self.dtype, device=self.device)
-        return self._output(self._unstandardize(self._run_chunked("inverse", z, batch_size, "raise")))
+        return self._output(self._unstandardize(self._run_chunked("inverse", z, batch_size, "raise", context=c)))
 
     @reject_unknown_keywords
-    def trajectory(self, x, times: Sequence[float]):
+    def trajectory(self, x, times: Sequence[float], *, context=None):
         """States along the flow from data ``x``, in the flow's standardized coordinates.
 
         :param x: points, shape ``(n, *event_shape)``.
         :param times: increasing times in ``[0, ΣT]`` (the blocks run one after the other).
+        :param context: a conditional flow's context, as for :meth:`log_prob`.
         :returns: shape ``(len(times), n, *event_shape)``, in the flow's :attr:`output` type.
         :raises ValueError: for times that do not increase within ``[0, ΣT]``.
         :raises SolverError: when a solve fails.
@@ -647,12 +728,13 @@ class Flow(_EvaluatedBlocks):
             raise ValueError(f"times must increase within [0, {total:g}], got {times}")
         b = self.backend
         kw = dict(self.eval_solver.odeint_kwargs(), backend=b, throw=False, check_inputs=False, loop_kind="forward")
+        c = self._context(context, xb.shape[0])
         params, z = b.stop_gradient((self.params, self._standardize(xb)))
         offset, found = 0.0, {}
         for field, p, T in zip(self.fields, params, self.T):
             local = [float(t - offset) for t in times if offset - 1e-12 <= t <= offset + T + 1e-12]
             grid = sorted(set([0.0, *[min(max(t, 0.0), T) for t in local], T]))
-            sol = odeint(flow_rhs(field), z, grid, args=p, **kw)
+            sol = odeint(flow_rhs(field), z, grid, args=p if c is None else (p, c), **kw)
             raise_for_status(sol, b, max_steps=self.eval_solver.max_steps)
             for t in local:
                 found.setdefault(round(t + offset, 12), sol.ys[grid.index(min(max(t, 0.0), T)), ...])
@@ -679,10 +761,21 @@ class Flow(_EvaluatedBlocks):
             "shift": None if self.shift is None else b.to_numpy(self.shift).astype(np.float64).tolist(),
             "scale": None if self.scale is None else b.to_numpy(self.scale).astype(np.float64).tolist(),
             "eval_solver": self.eval_solver.config(),
+            **self._context_header(),
         }
 
+    def _context_header(self) -> dict:
+        """A conditional flow's context standardization (nothing for an unconditional flow,
+        whose header stays the one earlier versions wrote)."""
+        if self.context_dim == 0:
+            return {}
+        b = self.backend
+        return {name: None if value is None else b.to_numpy(value).astype(np.float64).tolist()
+                for name, value in (("context_shift", self.context_shift), ("context_scale", self.context_scale))}
+
     def __repr__(self) -> str:
-        return (f"Flow(blocks={len(self.fields)}, event_shape={self.event_shape}, T={self.T}, "
+        context = f", context_dim={self.context_dim}" if self.context_dim else ""
+        return (f"Flow(blocks={len(self.fields)}, event_shape={self.event_shape}{context}, T={self.T}, "
                 f"backend={self.backend.name!r}, dtype={self.dtype}, output={self.output!r})")
 
 
@@ -719,29 +812,46 @@ def _ignore_params(velocity):
     return apply
 
 
-def _log_prob_chunk(fields, backend: Backend, block_kwargs, params, T, x):
+def _rows_padded(xp, rows, n: int):
+    """``rows`` with zero rows appended up to ``n`` (the padding of a compiled chunk)."""
+    m = rows.shape[0]
+    if m == n:
+        return rows
+    pad = xp.zeros((n - m, *rows.shape[1:]), dtype=rows.dtype, device=_device_of(rows))
+    return xp.concat([rows, pad], axis=0)
+
+
+def _device_of(x):
+    from array_api_compat import device
+
+    return device(x)
+
+
+def _log_prob_chunk(fields, backend: Backend, block_kwargs, params, T, x, context=None):
     """``(log N(z(T)) − Δlogp, status, nfe)`` of standardized points (the standardization's
-    log-determinant is the caller's)."""
+    log-determinant is the caller's); a conditional flow's blocks get ``context``."""
     xp = backend.namespace()
-    params, T, x = backend.stop_gradient((params, T, x))
+    params, T, x, context = backend.stop_gradient((params, T, x, context))
     total = xp.zeros((x.shape[0],), dtype=x.dtype, device=backend.device_of(x))
     z, status, nfe = x, None, 0
     for i, (field, p, kw) in enumerate(zip(fields, params, block_kwargs)):
-        sol = odeint(density_rhs(field, backend=backend), (z, total), time_span(xp, T[i]), args=p, **kw)
+        args = p if context is None else (p, context)
+        sol = odeint(density_rhs(field, backend=backend), (z, total), time_span(xp, T[i]), args=args, **kw)
         z, total = sol.ys[0][-1, ...], sol.ys[1][-1, ...]
         status = sol.status if status is None else xp.maximum(status, sol.status)
         nfe = nfe + sol.stats.nfe
     return standard_normal_logpdf(xp, z) - total, status, nfe
 
 
-def _transport_chunk(fields, backend: Backend, block_kwargs, reverse: bool, params, T, x):
+def _transport_chunk(fields, backend: Backend, block_kwargs, reverse: bool, params, T, x, context=None):
     """``(x after the blocks, status, nfe)``: forward from 0 to ``T``, or with ``reverse``
-    from ``T`` to 0 through the blocks in reverse order."""
+    from ``T`` to 0 through the blocks in reverse order (with ``context`` for a conditional flow)."""
     xp = backend.namespace()
-    params, T, x = backend.stop_gradient((params, T, x))
+    params, T, x, context = backend.stop_gradient((params, T, x, context))
     status, nfe = None, 0
     for i in (reversed(range(len(fields))) if reverse else range(len(fields))):
-        sol = odeint(flow_rhs(fields[i]), x, time_span(xp, T[i], reverse=reverse), args=params[i],
+        args = params[i] if context is None else (params[i], context)
+        sol = odeint(flow_rhs(fields[i]), x, time_span(xp, T[i], reverse=reverse), args=args,
                      **block_kwargs[i])
         x = sol.ys[-1, ...]
         status = sol.status if status is None else xp.maximum(status, sol.status)
@@ -787,7 +897,8 @@ def flow_from_header(header: dict, arrays: dict, *, backend=None, device=None, p
         params = fill_tree(templates, arrays, prefix, lambda v: b.asarray(np.asarray(v), dtype=dt, device=dev))
         return Flow(fields, params, backend=b, device=dev, dtype=dtype, T=header["T"], shift=header["shift"],
                     scale=header["scale"], eval_solver=SolverOptions.from_config(header["eval_solver"]),
-                    output=output)
+                    output=output, context_shift=header.get("context_shift"),
+                    context_scale=header.get("context_scale"))
     except ModelFileError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -21,7 +21,7 @@ from ..ode.integrate import odeint, resolve_solver
 from .dynamics import DENSITY_NORM, RNODE_NORM, density_rhs, rnode_rhs, standard_normal_logpdf, time_span
 from .signature import backend_keyword
 
-__all__ = ["RNODELoss", "rnode_loss", "bits_per_dim", "logit_transform", "dequantize"]
+__all__ = ["RNODELoss", "rnode_loss", "check_context", "bits_per_dim", "logit_transform", "dequantize"]
 
 #: odeint arguments :func:`rnode_loss` sets itself, so ``solver_kwargs`` may not
 _SET_BY_THE_LOSS = ("norm", "args", "backend", "throw", "check_inputs")
@@ -49,8 +49,8 @@ class RNODELoss:
 
 @backend_keyword
 def rnode_loss(fields: Sequence, params: Sequence, x, eps, *, T: Sequence, backend: str | Backend | None = None,
-               lambda_kinetic: float = 0.01, lambda_jacobian: float = 0.01, solver_kwargs: dict | None = None
-               ) -> RNODELoss:
+               lambda_kinetic: float = 0.01, lambda_jacobian: float = 0.01, solver_kwargs: dict | None = None,
+               context=None) -> RNODELoss:
     """The RNODE loss (Finlay et al. 2020, eq. 8) of a chain of CNF blocks on a batch.
 
     A pure function of the parameters, the batch and the probe, differentiable with
@@ -72,11 +72,17 @@ def rnode_loss(fields: Sequence, params: Sequence, x, eps, *, T: Sequence, backe
     :param solver_kwargs: passed to :func:`otflow.odeint` (method, tolerances, steps,
         gradient mode, loop kind); not ``norm``, ``args``, ``backend``, ``throw`` or
         ``check_inputs``, which the loss sets.
+    :param context: for conditional fields (``context_dim > 0``), the batch's contexts,
+        shape ``(batch, context_dim)``, already standardized: the loss of ``p(x | c)``. It
+        travels in the solves' ``args`` (constant along each trajectory; gradients with
+        respect to it are computed by the adjoint and dropped). None for unconditional fields.
     :returns: an :class:`RNODELoss`.
-    :raises ValueError: for a negative λ, or ``solver_kwargs`` setting what the loss sets.
+    :raises ValueError: for a negative λ, ``solver_kwargs`` setting what the loss sets, or a
+        context missing for conditional fields, given to unconditional ones, or wrong-shaped.
     """
     kw = checked_loss_options("rnode_loss", lambda_kinetic, lambda_jacobian, solver_kwargs)
     b = get_backend(backend, like=x)
+    check_context(fields, context, x.shape[0], "rnode_loss")
     xp = b.namespace()
     adaptive = resolve_solver(kw.get("method", "dopri5")).adaptive
     regularized = lambda_kinetic > 0 or lambda_jacobian > 0
@@ -89,7 +95,8 @@ def rnode_loss(fields: Sequence, params: Sequence, x, eps, *, T: Sequence, backe
         else:
             state, rhs, norm = (z, dlogp), density_rhs(field, backend=b, estimator="hutchinson"), DENSITY_NORM
         extra = {"norm": norm} if adaptive else {}
-        sol = odeint(rhs, state, time_span(xp, t_end), args=(p, eps), backend=b, throw=False, check_inputs=False,
+        args = (p, eps) if context is None else (p, eps, context)
+        sol = odeint(rhs, state, time_span(xp, t_end), args=args, backend=b, throw=False, check_inputs=False,
                      **extra, **kw)
         final = [leaf[-1, ...] for leaf in sol.ys]
         z, dlogp = final[0], final[1]
@@ -101,6 +108,32 @@ def rnode_loss(fields: Sequence, params: Sequence, x, eps, *, T: Sequence, backe
     kinetic, jacobian = xp.mean(kin), xp.mean(jac)
     loss = nll + lambda_kinetic * kinetic + lambda_jacobian * jacobian
     return RNODELoss(loss=loss, nll=nll, kinetic=kinetic, jacobian=jacobian, nfe=nfe, status=status)
+
+
+def check_context(fields: Sequence, context, batch: int, name: str) -> None:
+    """Refuse a context that does not fit the fields: missing for conditional fields, given
+    to unconditional ones, or not of shape ``(batch, context_dim)``.
+
+    :param fields: the blocks' fields.
+    :param context: the context given, or None.
+    :param batch: the number of rows of the batch.
+    :param name: the caller, for the messages.
+    :raises ValueError: naming the problem and the fix.
+    """
+    dims = {getattr(f, "context_dim", 0) for f in fields}
+    if len(dims) != 1:
+        raise ValueError(f"{name}: the blocks disagree on context_dim ({sorted(dims)}); build every block with "
+                         "the same context_dim")
+    dim = dims.pop()
+    if dim == 0 and context is not None:
+        raise ValueError(f"{name}: the fields are unconditional (context_dim=0) but a context was given; drop "
+                         "context= or build the fields with MLP(..., context_dim=...)")
+    if dim > 0 and context is None:
+        raise ValueError(f"{name}: the fields are conditional (context_dim={dim}); pass context= of shape "
+                         f"(batch, {dim})")
+    if dim > 0 and tuple(context.shape) != (batch, dim):
+        raise ValueError(f"{name}: context must have shape (batch, context_dim) = ({batch}, {dim}), got "
+                         f"{tuple(context.shape)}")
 
 
 def checked_loss_options(name: str, lambda_kinetic: float, lambda_jacobian: float, solver_kwargs: dict | None) -> dict:

@@ -1,7 +1,8 @@
 """The ``otflow`` command line (also ``python -m otflow``).
 
     otflow fit DATA [--backend torch] [--config fit.toml] [--out model.safetensors] [--plot fit.png] ...
-    otflow sample MODEL -n 1000 -o samples.npy
+    otflow fit DATA.csv --context-columns 3,4 ...   (a conditional flow p(x | c): columns 3 and 4 are c)
+    otflow sample MODEL -n 1000 -o samples.npy [--context 0.5,1.0 | --context contexts.npy]
     otflow log-prob MODEL DATA [-o logp.npy]
     otflow plot MODEL [-o model.png] [--data DATA]
     otflow datasets
@@ -60,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.add_argument("--test-images", type=int, default=None, metavar="N",
                    help="image data: evaluate the held-out bits/dim on the first N test images (default: all)")
+    f.add_argument("--context-columns", default=None, metavar="I,J,...",
+                   help="fit a conditional flow p(x | c): these columns of the data file (0-based, comma-separated) "
+                   "are the context c, the others are x")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any fit option, e.g. --set hidden=[32,32] (JSON values)")
     for name, typ in _FIT_FLAGS.items():
@@ -70,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=1000)
     s.add_argument("-o", "--out", required=True, help=".npy file to write (uint8 images for an image model)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--context", default=None, metavar="C",
+                   help="a conditional flow's context: comma-separated values (one context for every sample) or a "
+                   ".npy/.csv file of n rows (one per sample)")
     s.add_argument("--backend", default=None)
     s.add_argument("--device", default=None)
 
@@ -77,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     lp.add_argument("model")
     lp.add_argument("data")
     lp.add_argument("-o", "--out", default=None, help=".npy file for the per-row values")
+    lp.add_argument("--context-columns", default=None, metavar="I,J,...",
+                    help="a conditional flow: the context columns of DATA (default: those it was fitted with)")
     lp.add_argument("--backend", default=None)
     lp.add_argument("--device", default=None)
 
@@ -101,6 +110,41 @@ def _load_data(spec: str, n: int = 5000, seed: int = 12345) -> np.ndarray:
     return datasets.load_array(spec)
 
 
+def _context_columns(spec: str) -> list[int]:
+    """``"3,4"`` as column indices.
+
+    :raises ValueError: for anything but comma-separated integers, or a repeated column.
+    """
+    try:
+        columns = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--context-columns expects comma-separated column numbers (0-based), e.g. 3,4; "
+                         f"got {spec!r}") from None
+    if not columns or len(set(columns)) != len(columns):
+        raise ValueError(f"--context-columns expects distinct column numbers (0-based), e.g. 3,4; got {spec!r}")
+    return columns
+
+
+def _split_columns(table: np.ndarray, columns: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, c)``: the data file's columns other than ``columns``, and those.
+
+    :raises ValueError: a table that is not 2-D, a column out of range, or no column left for x.
+    """
+    if table.ndim != 2:
+        raise ValueError(f"--context-columns needs a table (n_samples, n_columns); the data have shape {table.shape}")
+    d = table.shape[1]
+    bad = [c for c in columns if not -d <= c < d]
+    if bad:
+        raise ValueError(f"--context-columns {bad} out of range: the data have {d} columns (0 to {d - 1})")
+    chosen = sorted({c % d for c in columns})
+    if len(chosen) != len(columns):
+        raise ValueError(f"--context-columns names a column twice ({columns})")
+    if len(chosen) == d:
+        raise ValueError(f"--context-columns takes all {d} columns; leave at least one for x")
+    rest = [i for i in range(d) if i not in chosen]
+    return table[:, rest], table[:, [c % d for c in columns]]
+
+
 def _cmd_fit(args) -> int:
     from .checkpoint import jsonable
     from .loop import fit
@@ -122,13 +166,25 @@ def _cmd_fit(args) -> int:
     from . import datasets
 
     images = datasets.load_images(args.data) if datasets.is_image_source(args.data) else None
+    data, context, columns = (images if images is not None else args.data), None, None
+    if args.context_columns is not None:
+        if images is not None or args.data in datasets.names():
+            raise ValueError("--context-columns needs a table of numbers (.csv, .npy, .npz) whose columns hold x and "
+                             f"c; {args.data!r} is {'image data' if images is not None else 'an embedded data set'}")
+        if args.plot:
+            raise ValueError("--plot draws unconditional flows; a conditional flow (--context-columns) has one "
+                             "density per context: drop --plot and use otflow sample --context ...")
+        columns = _context_columns(args.context_columns)
+        data, context = _split_columns(datasets.load_array(args.data), columns)
     start = time.perf_counter()
-    flow = fit(images if images is not None else args.data, backend=args.backend, device=args.device,
+    flow = fit(data, context=context, backend=args.backend, device=args.device,
                config=args.config, resume=args.resume, init=args.init, **options)
     info = flow.fit_info
     if info["data_parallel"]["rank"] != 0:
         return 0  # a data-parallel run (torchrun): the main process saves, reports and plots
     metadata = {"data": args.data, "fit": {k: v for k, v in info.items() if k != "last"}}
+    if columns is not None:
+        metadata["context_columns"] = columns
     if images is not None:
         metadata["n_levels"] = images.n_levels
     path = flow.save(args.out, metadata=jsonable(metadata))
@@ -202,10 +258,44 @@ def _cmd_sample(args) -> int:
         np.save(args.out, x)
         print(f"wrote {args.n} uint8 images of shape {x.shape[1:]} to {args.out}")
         return 0
-    x = flow.sample(args.n, seed=args.seed)
+    context = _sample_context(args.context, flow, args.n)
+    x = flow.sample(args.n, seed=args.seed) if context is None else flow.sample(args.n, seed=args.seed,
+                                                                                context=context)
     np.save(args.out, x)
     print(f"wrote {args.n} samples of shape {x.shape[1:]} to {args.out}")
     return 0
+
+
+def _sample_context(spec: str | None, flow, n: int):
+    """The contexts of ``otflow sample --context``: None, one vector, or one row per sample.
+
+    :raises ValueError: a context for an unconditional flow, none for a conditional one, or
+        values that are neither numbers nor a readable file.
+    """
+    dim = getattr(flow, "context_dim", 0)
+    if spec is None:
+        if dim:
+            raise ValueError(f"this flow is conditional (a context of {dim} value(s)); pass --context with {dim} "
+                             "comma-separated values, or a .npy/.csv file of one row per sample")
+        return None
+    if not dim:
+        raise ValueError("this flow is unconditional; drop --context")
+    if Path(spec).exists():
+        from . import datasets
+
+        return datasets.load_array(spec)
+    try:
+        return np.asarray([float(v) for v in spec.split(",")], dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"--context {spec!r} is neither {dim} comma-separated numbers nor an existing file") from None
+
+
+def _model_context_columns(model_path) -> list[int] | None:
+    """The context columns a conditional model was fitted with (saved by ``otflow fit``)."""
+    from ..cnf.serialize import read_file
+
+    _, header = read_file(model_path)
+    return (header.get("metadata") or {}).get("context_columns")
 
 
 def _cmd_log_prob(args) -> int:
@@ -213,6 +303,15 @@ def _cmd_log_prob(args) -> int:
 
     flow = load(args.model, backend=args.backend, device=args.device)
     x = _load_data(args.data)
+    if getattr(flow, "context_dim", 0):
+        spec = args.context_columns
+        columns = _context_columns(spec) if spec is not None else _model_context_columns(args.model)
+        if columns is None:
+            raise ValueError("this flow is conditional; pass --context-columns to say which columns of DATA hold "
+                             "the context")
+        x, context = _split_columns(x, columns)
+        logp = np.asarray(flow.log_prob(x, context=context), dtype=np.float64)
+        return _report_log_prob(logp, args.out)
     if _is_image_model(flow):
         bpd = flow.bits_per_dim(x, n_bins=_image_levels_of(args.model))
         print(f"bits/dim (standard: uniform dequantization, exact trace) = {bpd.mean:.6f} ± {bpd.standard_error:.6f} "
@@ -220,11 +319,14 @@ def _cmd_log_prob(args) -> int:
         if args.out:
             np.save(args.out, bpd.per_image)
         return 0
-    logp = np.asarray(flow.log_prob(x), dtype=np.float64)
+    return _report_log_prob(np.asarray(flow.log_prob(x), dtype=np.float64), args.out)
+
+
+def _report_log_prob(logp: np.ndarray, out) -> int:
     se = logp.std(ddof=1) / np.sqrt(len(logp)) if len(logp) > 1 else float("nan")
     print(f"mean log p = {logp.mean():.6f} ± {se:.6f} (standard error) over {len(logp)} rows; NLL = {-logp.mean():.6f}")
-    if args.out:
-        np.save(args.out, logp)
+    if out:
+        np.save(out, logp)
     return 0
 
 

@@ -10,9 +10,14 @@ Everything here is numpy on the host; only a batch becomes a backend array, one 
 iteration. The order in which the run's random generator is used (sampling a toy data
 set, the split permutation, then one index draw per batch) is part of what a checkpoint
 reproduces, so it never changes.
+
+A conditional run (``fit(x, context=c)``) keeps the contexts beside the rows: split with
+the same permutation, standardized with their own mean and deviation, and drawn with the
+same row indices, so batch row ``i`` is ``[x_i, c_i]`` (the contexts as the last columns).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -26,7 +31,7 @@ from . import datasets
 from .datasets import ImageData, is_image_source, load_images
 
 __all__ = ["DataSource", "TrainingData", "ImageLevels", "read_data", "validate_data", "validate_images",
-           "prepare_data", "sample_batch", "IMAGE_ONLY_OPTIONS"]
+           "prepare_data", "sample_batch", "IMAGE_ONLY_OPTIONS", "validate_context", "split_context"]
 
 #: options of the image model, refused (when changed from their defaults) for vector data
 IMAGE_ONLY_OPTIONS = ("n_scales", "blocks_per_scale", "logit_alpha", "eval_estimator")
@@ -77,6 +82,12 @@ class TrainingData:
     :ivar digest: a hash of all rows, stored in checkpoints to notice other data on resume.
     :ivar n_levels: for image data, the pixel levels (then ``train`` holds uint8 images
         ``(N, C, H, W)`` and ``val`` is an :class:`ImageLevels`); None for vector data.
+    :ivar context: a conditional run's training contexts, one row per training row,
+        standardized like the rows (None for an unconditional run).
+    :ivar val_context: the validation rows' contexts as given (the flow standardizes them).
+    :ivar context_shift: the per-column mean of the training contexts (None without
+        standardization or context).
+    :ivar context_scale: their per-column standard deviation (likewise).
     """
 
     train: np.ndarray
@@ -85,6 +96,15 @@ class TrainingData:
     scale: np.ndarray | None
     digest: str
     n_levels: int | None = None
+    context: np.ndarray | None = None
+    val_context: np.ndarray | None = None
+    context_shift: np.ndarray | None = None
+    context_scale: np.ndarray | None = None
+
+    @property
+    def context_dim(self) -> int:
+        """The length of a context vector (0 for an unconditional run)."""
+        return 0 if self.context is None else int(self.context.shape[1])
 
     @property
     def dim(self) -> int:
@@ -210,12 +230,70 @@ def validate_data(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def prepare_data(source: DataSource, opts, rng: np.random.Generator) -> TrainingData:
+def validate_context(context, source: DataSource) -> np.ndarray:
+    """Check ``fit``'s ``context=`` against its data and return it as float64.
+
+    :param context: the contexts, one row per data row: a 2-D numpy array, torch tensor or jax array.
+    :param source: the data, read (:func:`read_data`).
+    :returns: the contexts, ``(n, context_dim)`` float64.
+    :raises ValueError: image data or an embedded data set (no rows to pair contexts with),
+        a context that is not 2-D, has another number of rows than the data, or NaN/inf.
+    :raises TypeError: contexts that are not real numbers.
+    """
+    if source.images is not None:
+        raise ValueError("context= with image data is not supported yet: conditional flows are vector models; "
+                         "drop context=, or fit vectors (n_samples, n_features) with their contexts")
+    if source.dataset is not None:
+        raise ValueError(f"context= needs the data rows it belongs to; {source.dataset!r} is an embedded data set "
+                         "sampled afresh. Pass the data as an array (n_samples, n_features) with the contexts")
+    if not isinstance(context, np.ndarray) and hasattr(context, "shape") and hasattr(context, "dtype"):
+        try:
+            context = infer_backend(context).to_numpy(context)
+        except TypeError:
+            pass
+    try:
+        c = np.asarray(context)
+    except Exception as e:
+        raise TypeError(f"context could not be read as an array ({type(e).__name__}: {e}); pass a 2-D array "
+                        "(n_samples, context_dim)") from None
+    if c.dtype.kind not in "biuf":
+        raise TypeError(f"context must be real numbers, got dtype {c.dtype}; convert it with "
+                        "np.asarray(context, dtype=float)")
+    c = c.astype(np.float64)
+    if c.ndim != 2:
+        hint = " (a single context variable? use c[:, None])" if c.ndim == 1 else ""
+        raise ValueError(f"context must be a 2-D array (n_samples, context_dim), got shape {c.shape}{hint}")
+    if c.shape[1] == 0:
+        raise ValueError(f"context has shape {c.shape}: no columns; pass (n_samples, context_dim) or drop context=")
+    n = source.array.shape[0]
+    if c.shape[0] != n:
+        raise ValueError(f"context has {c.shape[0]} rows but the data have {n}: pass one context row per data row")
+    bad = ~np.isfinite(c)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        raise ValueError(f"context contains NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
+                         "drop or impute those rows (and their data rows) first")
+    return c
+
+
+def split_context(batch, data_dim: int):
+    """``(x, c)``: a conditional batch's rows and contexts (its first ``data_dim`` columns
+    and the rest, as :func:`sample_batch` lays them out).
+
+    :param batch: the batch, ``(batch, data_dim + context_dim)``.
+    :param data_dim: the data's dimension.
+    """
+    return batch[:, :data_dim], batch[:, data_dim:]
+
+
+def prepare_data(source: DataSource, opts, rng: np.random.Generator, context: np.ndarray | None = None
+                 ) -> TrainingData:
     """The validation split and the standardization of a run's data.
 
     :param source: what :func:`read_data` returned.
     :param opts: the run's :class:`~otflow.FitOptions`.
     :param rng: the run's random generator (a toy data set is sampled from it, then the split drawn).
+    :param context: a conditional run's contexts (:func:`validate_context`), or None.
     :returns: the training and validation rows.
     :raises ValueError: too few training rows, constant columns, or values too large for the dtype.
     """
@@ -225,19 +303,38 @@ def prepare_data(source: DataSource, opts, rng: np.random.Generator) -> Training
     x = source.array
     if source.dataset is not None:
         x = validate_data(datasets.sample(source.dataset, opts.n_train + max(opts.val_points, 1), rng=rng))
-    digest = hashlib.sha256(np.ascontiguousarray(x, dtype=np.float64).tobytes()).hexdigest()[:16]
-    train, val = _validation_split(x, opts, rng, "sample(s)")
+    hashed = x if context is None else np.concatenate([x, context], axis=1)
+    digest = hashlib.sha256(np.ascontiguousarray(hashed, dtype=np.float64).tobytes()).hexdigest()[:16]
+    train, val, perm = _validation_split(x, opts, rng, "sample(s)")
     shift = scale = None
     if opts.standardize:
         shift, scale = _standardization(train)
         train = (train - shift) / scale
     _check_range(train, opts.dtype)
-    return TrainingData(train=train, val=val, shift=shift, scale=scale, digest=digest)
+    data = TrainingData(train=train, val=val, shift=shift, scale=scale, digest=digest)
+    return data if context is None else _with_context(data, context, perm, opts)
+
+
+def _with_context(data: TrainingData, context: np.ndarray, perm: np.ndarray, opts) -> TrainingData:
+    """``data`` with its contexts split by the rows' permutation and standardized."""
+    n_val = 0 if data.val is None else data.val.shape[0]
+    val_c, train_c = context[perm[:n_val]], context[perm[n_val:]]
+    shift = scale = None
+    if opts.standardize:
+        try:
+            shift, scale = _standardization(train_c)
+        except ValueError as e:
+            raise ValueError(f"context: {e}".replace("data column", "context column")) from None
+        train_c = (train_c - shift) / scale
+    _check_range(train_c, opts.dtype)
+    return dataclasses.replace(data, context=train_c, val_context=val_c if n_val else None, context_shift=shift,
+                               context_scale=scale)
 
 
 def _validation_split(x: np.ndarray, opts, rng: np.random.Generator, what: str):
-    """``(train, val)``: ``val_fraction`` of the rows (at most ``val_points``, None for
-    none) drawn from ``rng`` for validation, the rest for training.
+    """``(train, val, perm)``: ``val_fraction`` of the rows (at most ``val_points``, None for
+    none) drawn from ``rng`` for validation, the rest for training, and the permutation
+    (validation rows first).
 
     :raises ValueError: fewer than 2 training rows left.
     """
@@ -249,14 +346,14 @@ def _validation_split(x: np.ndarray, opts, rng: np.random.Generator, what: str):
     if train.shape[0] < 2:
         raise ValueError(f"only {train.shape[0]} training {what} after the validation split; "
                          "lower val_fraction or supply more data")
-    return train, (val if n_val else None)
+    return train, (val if n_val else None), perm
 
 
 def _prepare_images(images: ImageData, opts, rng: np.random.Generator) -> TrainingData:
     """The validation split of image data (the training part; no standardization)."""
     x = images.train
     digest = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
-    train, val = _validation_split(x, opts, rng, "image(s)")
+    train, val, _ = _validation_split(x, opts, rng, "image(s)")
     levels = None if val is None else ImageLevels(val, images.n_levels,
                                                   image_eval_estimator(opts, int(np.prod(x.shape[1:]))))
     return TrainingData(train=train, val=levels, shift=None, scale=None, digest=digest, n_levels=images.n_levels)
@@ -319,9 +416,13 @@ def sample_batch(data: TrainingData, rng: np.random.Generator, batch_size: int, 
     :param device: its device.
     :param part: the rows of the drawn batch to keep (data-parallel: this process's share of
         the global batch, which every process draws whole); None keeps all.
-    :returns: the batch.
+    :returns: the batch; for a conditional run ``[x, c]``, the contexts of the drawn rows as
+        the last columns (:func:`split_context`).
     """
     rows = rng.integers(0, data.n_train, batch_size)
     if part is not None:
         rows = rows[part]
+    if data.context is not None:
+        return backend.asarray(np.concatenate([data.train[rows], data.context[rows]], axis=1), dtype=dtype,
+                               device=device)
     return backend.asarray(data.train[rows], dtype=dtype, device=device)

@@ -16,6 +16,12 @@ whose velocity is ``u = (z − x)/T``; the loss is ``E ‖v(t, ψ) − u‖² / 
 blocks, block ``k`` covers ``s ∈ [k/n, (k+1)/n)`` over its own ``[0, T]`` (velocity
 ``(z − x)/(n·T)``), so the composed flow follows the same path.
 
+**Conditional flows.** With contexts (``fit(x, context=c)``) every pair carries its data
+row's context and the field regresses ``v(t, ψ | c)`` onto the same straight-path
+velocity: conditional flow matching, whose minimizer transports ``p(x | c)`` to the normal
+for every ``c``. Only the independent coupling applies: the OT coupling pairs rows across
+contexts, so its paths would not transport each conditional to the normal.
+
 **Couplings.** ``"independent"``: ``x`` and ``z`` drawn independently (I-CFM of Tong et
 al.). ``"ot"``: within each batch the normal draws are permuted to the exact optimal
 assignment for the squared Euclidean cost (scipy's ``linear_sum_assignment``), the
@@ -75,13 +81,22 @@ class FlowMatchingBatches:
     ``[:, 0]`` and their coupled normal draws at ``[:, 1]``, drawn on the host from the run's
     random generator (so a resumed run draws the same pairs).
 
+    With contexts (a conditional run) the pairs are ``(batch, 2, dim + context_dim)``: both
+    the data row and its normal draw followed by the row's context.
+
     :param coupling: one of :data:`COUPLINGS`.
+    :param conditional: whether the run's data carry contexts.
+    :raises ValueError: an unknown coupling, or ``"ot"`` for a conditional run.
     """
 
-    def __init__(self, coupling: str):
+    def __init__(self, coupling: str, *, conditional: bool = False):
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+        if conditional and coupling == "ot":
+            raise ValueError("coupling='ot' pairs data and noise across the whole batch, ignoring the contexts, so "
+                             "it cannot train a conditional flow; use coupling='independent' with context=")
         self.coupling = coupling
+        self.conditional = conditional
 
     def __call__(self, data, rng: np.random.Generator, batch_size: int, backend, dtype, device,
                  part: slice | None = None):
@@ -97,10 +112,14 @@ class FlowMatchingBatches:
             batch, which every process draws and couples whole); None keeps all.
         :returns: the pairs, ``(batch_size, 2, dim)`` (or the part's rows).
         """
-        x = data.train[rng.integers(0, data.n_train, batch_size)]
+        rows = rng.integers(0, data.n_train, batch_size)
+        x = data.train[rows]
         z = rng.standard_normal(x.shape)
         if self.coupling == "ot":
             z = ot_coupling(x, z)
+        if self.conditional:
+            c = data.context[rows]
+            x, z = np.concatenate([x, c], axis=1), np.concatenate([z, c], axis=1)
         pairs = np.stack([x, z], axis=1)
         return backend.asarray(pairs if part is None else pairs[part], dtype=dtype, device=device)
 
@@ -133,6 +152,10 @@ class FlowMatchingLoss:
         b = self.backend
         xp = b.namespace()
         x, z = pairs[:, 0, ...], pairs[:, 1, ...]
+        context = None
+        if getattr(self.fields[0], "context_dim", 0):
+            dim = self.fields[0].dim
+            x, context, z = x[:, :dim], x[:, dim:], z[:, :dim]
         batch, n = x.shape[0], len(self.fields)
         row_shape = (batch,) + (1,) * (x.ndim - 1)
         s = xp.reshape(self.draw_times(key, (batch,), dtype=x.dtype, device=b.device_of(x)), row_shape)
@@ -142,7 +165,7 @@ class FlowMatchingLoss:
         t = (s * n - block) * self.T
         velocity = xp.zeros_like(x)
         for k, field in enumerate(self.fields):
-            v = _velocity_at_row_times(field, params["fields"][k], t, point, b)
+            v = _velocity_at_row_times(field, params["fields"][k], t, point, b, context)
             velocity = v if n == 1 else xp.where(block == float(k), v, velocity)
         dim = math.prod(x.shape[1:])
         loss = xp.sum((velocity - target) ** 2) / (batch * dim)
@@ -153,14 +176,15 @@ class FlowMatchingLoss:
         return loss, aux
 
 
-def _velocity_at_row_times(field, params, t, x, backend):
-    """``v(t_i, x_i)`` for every row ``i`` (``t`` shaped ``(batch, 1, ...)``).
+def _velocity_at_row_times(field, params, t, x, backend, context=None):
+    """``v(t_i, x_i)`` (``v(t_i, x_i | c_i)`` with ``context``) for every row ``i`` (``t``
+    shaped ``(batch, 1, ...)``).
 
     An :class:`~otflow.MLP` broadcasts a column of times through every layer; other fields
     are called row by row through the backend's ``vmap``.
     """
     if isinstance(field, MLP):
-        return field.apply(params, t, x)
+        return field.apply(params, t, x) if context is None else field.apply(params, t, x, context)
 
     def one_row(t_row, x_row):
         return field.apply(params, t_row[0], x_row[None, ...])[0]

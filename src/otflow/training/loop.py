@@ -25,7 +25,7 @@ import numpy as np
 from ..base import default_backend, get_backend
 from ..cnf import Flow
 from .checkpoint import CheckpointWriter, ResumePoint, TrainingState, read_resume, restore
-from .data import TrainingData, prepare_data, read_data, sample_batch
+from .data import TrainingData, prepare_data, read_data, sample_batch, validate_context
 from .distributed import Replicas, check_batch_split, options_digest, resolve_replicas
 from .evaluation import Validation
 from .faults import TrainingFailed, backoff_factor, count_outcome, failure_reason, skip_message, training_failed
@@ -35,12 +35,12 @@ from .options import FitOptions, load_config, refuse_unused_options
 from .progress import RunLog
 from .signals import StopSignals
 from .trainer import make_trainer
-from .warm_start import in_checkpoint_coordinates, in_flow_coordinates, init_flow
+from .warm_start import check_checkpoint_context, in_checkpoint_coordinates, in_flow_coordinates, init_flow
 
 __all__ = ["FitOptions", "fit", "TrainingFailed", "load_config"]
 
 
-def fit(data, *, backend=None, device=None, config=None, resume=None, init=None, **options) -> Flow:
+def fit(data, *, context=None, backend=None, device=None, config=None, resume=None, init=None, **options) -> Flow:
     """Train an RNODE continuous normalizing flow (Finlay et al., ICML 2020) on ``data``.
 
     Everything given is validated before anything is computed or compiled: the options,
@@ -58,6 +58,12 @@ def fit(data, *, backend=None, device=None, config=None, resume=None, init=None,
         ``"digits-images"`` — train FFJORD's multiscale model (a
         :class:`~otflow.MultiscaleFlow`) with RNODE's image recipe for every option not
         given (``docs/images.md``).
+    :param context: for a conditional flow ``p(x | c)``: one context row per data row, a 2-D
+        array ``(n_samples, context_dim)`` (numpy, torch or jax). Batches draw matching rows,
+        the contexts are standardized like the data (the flow stores their mean and scale,
+        so its methods take raw contexts), validation uses the held-out rows' contexts. The
+        result's evaluation methods then take ``context=`` (``docs/conditional.md``). Vector
+        data given as an array or file only (not an embedded data set, not images).
     :param backend: ``"torch"`` or ``"jax"``; None follows the array type, and numpy
         arrays, paths and names use torch if installed, else jax.
     :param device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"gpu"``; the backend's default when None.
@@ -78,7 +84,8 @@ def fit(data, *, backend=None, device=None, config=None, resume=None, init=None,
         ones without a validation split), with ``history`` (one record per iteration) and
         ``fit_info`` (the run's summary).
     :raises TypeError: an unknown option (naming the nearest) or a value of the wrong type.
-    :raises ValueError: an option out of range, data that cannot be fitted, a global
+    :raises ValueError: an option out of range, data that cannot be fitted, a context that
+        does not match the data (rows, rank, NaN) or a resumed checkpoint's, a global
         ``batch_size`` that does not split evenly over the processes or devices, devices that
         do not exist, or processes started with different options or data.
     :raises TrainingFailed: after ``max_failures`` consecutive failed iterations.
@@ -89,6 +96,7 @@ def fit(data, *, backend=None, device=None, config=None, resume=None, init=None,
         raise ValueError("init= starts a new run from a flow; resume= continues a run from its checkpoint (whose "
                          "parameters already hold the warm start): pass one of them")
     source = read_data(data)  # before the backend: bad data never waits for a framework import
+    contexts = validate_context(context, source) if context is not None else None
     if source.images is not None:
         opts = resolve_image_options(opts)  # RNODE's image recipe for every option not given
     warm = init_flow(init) if init is not None else None
@@ -99,12 +107,13 @@ def fit(data, *, backend=None, device=None, config=None, resume=None, init=None,
     dtype = getattr(b.namespace(), opts.dtype)
     b.check_dtype(dtype)
     rng = np.random.default_rng(opts.seed)
-    train_data = prepare_data(source, opts, rng)
+    train_data = prepare_data(source, opts, rng, contexts)
     if train_data.is_images:
         opts = with_eval_estimator(opts, train_data)
     elif warm is not None:
         train_data = in_flow_coordinates(train_data, warm)
     elif start is not None:
+        check_checkpoint_context(start, train_data)
         train_data = in_checkpoint_coordinates(train_data, start)
     if start is not None and start.header.get("data_digest", train_data.digest) != train_data.digest:
         warnings.warn(f"resume: the data differ from those the checkpoint {start.path!r} was trained on; "
@@ -171,6 +180,7 @@ class _Run:
         self.data, self.rng, self.trainer, self.flows = data, rng, trainer, flows
         self.state, self.checkpoints = state, checkpoints
         self.validation = Validation(data.val, opts.eval_every, opts.patience)
+        self.conditional = data.context_dim > 0
         self.schedule = opts.optimizer_spec()
         self.stop = StopSignals()
         self.last_record: dict | None = None
@@ -254,12 +264,17 @@ class _Run:
 
     def _validate(self, record: dict, *, final: bool) -> None:
         if self.validation.is_due(self.state.iteration):
-            flow = self.flows.flow(self._params())
+            flow = self._validated(self.flows.flow(self._params()))
             self.validation.evaluate(self.state, flow, self._params_on_host, record)
         elif final and self.validation.rows is not None:
             self._write_checkpoint()  # before the end-of-run evaluation, which a resumed run must not see
-            flow = self.flows.flow(self._params())
+            flow = self._validated(self.flows.flow(self._params()))
             self.best = self.validation.final(self.state, flow, self._params_on_host, record)
+
+    def _validated(self, flow):
+        """What validation evaluates: the flow, or a conditional flow bound to the held-out
+        rows' contexts."""
+        return _WithValidationContext(flow, self.data.val_context) if self.conditional else flow
 
     def _params(self):
         """The trainer's parameters on the run's device (a mesh's replicated arrays, gathered)."""
@@ -286,6 +301,18 @@ class _Run:
                 "checkpoint": self.opts.checkpoint if self.checkpoints.iteration_on_disk >= 0 else None}
         params = best_params if best_params is not None else self._params()
         return self.flows.flow(params, history=state.history, fit_info=info)
+
+
+class _WithValidationContext:
+    """A conditional flow as validation calls it, ``log_prob(val_rows, on_failure=...)``,
+    evaluated with the validation rows' contexts (validation always passes the same rows)."""
+
+    def __init__(self, flow: Flow, contexts: np.ndarray):
+        self.flow = flow
+        self.contexts = contexts
+
+    def log_prob(self, x, **kwargs):
+        return self.flow.log_prob(x, context=self.contexts, **kwargs)
 
 
 def _iteration_seed(seed: int, iteration: int) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..cnf import MLP, Flow, SolverOptions, rnode_loss
 from ..ode import resolve_solver
-from .data import sample_batch
+from .data import sample_batch, split_context
 from .flow_matching import FlowMatchingBatches, FlowMatchingLoss
 from .image_model import build_image_model
 from .warm_start import check_init_flow, params_from_flow
@@ -55,7 +55,7 @@ def build_model(opts, data, backend, dtype, device, *, init=None, row_draw=None)
     """
     if data.is_images:
         return build_image_model(opts, data, backend, dtype, device, init=init, row_draw=row_draw)
-    fields = build_fields(opts, data.dim)
+    fields = build_fields(opts, data.dim, data.context_dim)
     if init is not None:
         check_init_flow(init, fields, opts)
         params = params_from_flow(init, opts, backend, dtype, device)
@@ -64,19 +64,20 @@ def build_model(opts, data, backend, dtype, device, *, init=None, row_draw=None)
     flows = FlowBuilder(fields, params, opts, data, backend, device)
     if opts.objective == "flow-matching":
         return TrainingModel(fields, params, FlowMatchingLoss(fields, opts.T, backend, row_draw=row_draw), flows,
-                             FlowMatchingBatches(opts.coupling))
+                             FlowMatchingBatches(opts.coupling, conditional=data.context_dim > 0))
     return TrainingModel(fields, params, RNODETrainingLoss(fields, opts, backend, row_draw=row_draw), flows)
 
 
-def build_fields(opts, dim: int) -> list:
+def build_fields(opts, dim: int, context_dim: int = 0) -> list:
     """One ConcatSquash :class:`~otflow.MLP` per block, as the options describe.
 
     :param opts: the run's :class:`~otflow.FitOptions`.
     :param dim: the data's dimension.
+    :param context_dim: the length of a context vector (0: unconditional fields).
     :returns: the fields.
     """
     return [MLP((dim,), hidden=opts.hidden, activation=opts.activation, conditioning=opts.conditioning,
-                zero_last=opts.zero_last) for _ in range(opts.n_blocks)]
+                zero_last=opts.zero_last, context_dim=context_dim) for _ in range(opts.n_blocks)]
 
 
 def initial_params(fields, opts, backend, dtype, device) -> dict:
@@ -100,6 +101,8 @@ class RNODETrainingLoss:
     """``loss(params, x, key) -> (loss, aux)``: the RNODE objective of a batch, with a
     Gaussian or Rademacher probe drawn from ``key``; what :func:`~otflow.training.make_trainer`
     optimizes. ``aux`` holds ``nll``, ``kinetic``, ``jacobian``, ``nfe`` and ``status``.
+    For conditional fields the batch carries the contexts as its last ``context_dim``
+    columns (:func:`~otflow.training.data.sample_batch`): the loss of ``p(x | c)``.
 
     :param fields: the blocks' fields.
     :param opts: the run's :class:`~otflow.FitOptions` (λ's, probe, T, training solver).
@@ -122,10 +125,13 @@ class RNODETrainingLoss:
 
     def __call__(self, params, x, key):
         b = self.backend
+        context = None
+        if self.fields[0].context_dim:
+            x, context = split_context(x, self.fields[0].dim)
         eps = self.draw_probe(key, tuple(x.shape), dtype=x.dtype, device=b.device_of(x))
         T = self.fixed_T if self.fixed_T is not None else self._learned_T(params["log_T"])
         out = rnode_loss(self.fields, params["fields"], x, eps, T=T, backend=b, lambda_kinetic=self.lambda_kinetic,
-                         lambda_jacobian=self.lambda_jacobian, solver_kwargs=self.solver_kwargs)
+                         lambda_jacobian=self.lambda_jacobian, solver_kwargs=self.solver_kwargs, context=context)
         aux = {"nll": out.nll, "kinetic": out.kinetic, "jacobian": out.jacobian, "nfe": out.nfe,
                "status": out.status}
         return out.loss, aux
@@ -154,7 +160,8 @@ class FlowBuilder:
         self.dtype = getattr(backend.namespace(), opts.dtype)
         eval_solver = SolverOptions(rtol=opts.eval_rtol, atol=opts.eval_atol)
         self.template = Flow(fields, params["fields"], backend=backend, device=device, dtype=opts.dtype, T=opts.T,
-                             shift=data.shift, scale=data.scale, eval_solver=eval_solver)
+                             shift=data.shift, scale=data.scale, eval_solver=eval_solver,
+                             context_shift=data.context_shift, context_scale=data.context_scale)
 
     def block_times(self, params):
         """Each block's T for ``params``: None (the options' T) unless T is learned, then

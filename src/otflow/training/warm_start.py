@@ -14,7 +14,8 @@ import numpy as np
 
 from ..cnf import Flow, load
 
-__all__ = ["init_flow", "check_init_flow", "params_from_flow", "in_flow_coordinates", "in_checkpoint_coordinates"]
+__all__ = ["init_flow", "check_init_flow", "params_from_flow", "in_flow_coordinates", "in_checkpoint_coordinates",
+           "check_checkpoint_context"]
 
 
 def init_flow(init) -> Flow:
@@ -45,6 +46,12 @@ def check_init_flow(flow: Flow, fields, opts) -> None:
     if len(theirs) != len(ours):
         raise ValueError(f"init: the flow has {len(theirs)} block(s), the run n_blocks={len(ours)}; "
                          f"pass n_blocks={len(theirs)}")
+    theirs_context = getattr(flow, "context_dim", 0)
+    ours_context = getattr(fields[0], "context_dim", 0)
+    if theirs_context != ours_context:
+        raise ValueError(f"init: the flow takes a context of length {theirs_context}, the run's contexts have "
+                         f"{ours_context} column(s); pass context= with {theirs_context} column(s)"
+                         + (" (none: drop context=)" if theirs_context == 0 else ""))
     for name in ("event_shape", "hidden", "activation", "conditioning"):
         if theirs[0] is None or theirs[0].get(name) != ours[0].get(name):
             got = None if theirs[0] is None else theirs[0].get(name)
@@ -74,6 +81,22 @@ def params_from_flow(flow: Flow, opts, backend, dtype, device) -> dict:
     return params
 
 
+def check_checkpoint_context(start, data) -> None:
+    """Refuse to resume a checkpoint with contexts of another length than it was trained on.
+
+    :param start: the :class:`~otflow.training.checkpoint.ResumePoint`.
+    :param data: the run's :class:`~otflow.training.data.TrainingData`.
+    :raises ValueError: naming both lengths.
+    """
+    fields = (start.header.get("flow") or {}).get("fields") or [{}]
+    theirs = int(fields[0].get("context_dim", 0) or 0)
+    if theirs != data.context_dim:
+        def what(n):
+            return f"a context of length {n}" if n else "no context"
+        raise ValueError(f"resume: the checkpoint was trained with {what(theirs)}, this run has "
+                         f"{what(data.context_dim)}; resume with context= of the shape it was trained with")
+
+
 def in_checkpoint_coordinates(data, start):
     """The run's data in the standardization of the flow a checkpoint holds, so a resumed
     run (a warm-started one included) trains in the coordinates it started in.
@@ -83,6 +106,9 @@ def in_checkpoint_coordinates(data, start):
     :returns: the data, re-expressed when the checkpoint's flow records a standardization.
     """
     flow = start.header.get("flow") or {}
+    if data.context is not None and "context_shift" in flow:
+        data = _restandardized_context(data, *(None if flow[k] is None else np.asarray(flow[k], dtype=np.float64)
+                                               for k in ("context_shift", "context_scale")))
     if "shift" not in flow or "scale" not in flow:
         return data
     shift = None if flow["shift"] is None else np.asarray(flow["shift"], dtype=np.float64)
@@ -100,9 +126,27 @@ def in_flow_coordinates(data, flow: Flow):
         stay raw, as always.
     """
     b = flow.backend
+    if data.context is not None and getattr(flow, "context_dim", 0):
+        data = _restandardized_context(data, *(None if v is None else b.to_numpy(v).astype(np.float64)
+                                               for v in (flow.context_shift, flow.context_scale)))
     shift = None if flow.shift is None else b.to_numpy(flow.shift).astype(np.float64)
     scale = None if flow.scale is None else b.to_numpy(flow.scale).astype(np.float64)
     return _restandardized(data, shift, scale)
+
+
+def _restandardized_context(data, shift, scale):
+    """``data`` with its training contexts standardized by ``(shift, scale)`` instead of their own
+    (kept as they are when the two agree up to float32 rounding, as for the rows)."""
+    if shift is None and data.context_shift is None:
+        return data
+    if shift is not None and data.context_shift is not None:
+        tol = _SAME_STANDARDIZATION * data.context_scale
+        if (np.all(np.abs(shift - data.context_shift) <= tol)
+                and np.all(np.abs(scale - data.context_scale) <= tol)):
+            return data
+    raw = data.context if data.context_shift is None else data.context * data.context_scale + data.context_shift
+    context = raw if shift is None else (raw - shift) / scale
+    return dataclasses.replace(data, context=context, context_shift=shift, context_scale=scale)
 
 
 #: standardizations that differ by less than this (relative to the scale) are the same one,
