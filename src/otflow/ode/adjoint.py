@@ -233,6 +233,10 @@ class _AdjointSolve:
     """
 
     def __init__(self, func, treedef, args, settings: LoopSettings, gradient: Adjoint, throw: bool, counter_dtype):
+        # the forward solve rolled too: nothing of it is differentiated, and an unrolled
+        # fixed-step loop only costs compilation memory (64-D RNODE, RK4 × 8: peak RSS of a
+        # training process 756 MB unrolled, 513 MB rolled; XLA temporaries 16 MB both)
+        settings = dataclasses.replace(settings, unroll=False)
         self.func, self.treedef, self.settings, self.throw = func, treedef, settings, throw
         self.counter_dtype = counter_dtype
         self.backend = b = settings.backend
@@ -252,7 +256,10 @@ class _AdjointSolve:
         self.backward_settings = dataclasses.replace(
             settings, rtol=settings.rtol if gradient.rtol is None else gradient.rtol,
             atol=settings.atol if gradient.atol is None else gradient.atol, step_size=None,
-            norm=self.augmented_error_norm if solver.adaptive else None, loop_kind="forward")
+            norm=self.augmented_error_norm if solver.adaptive else None, loop_kind="forward",
+            # rolled: XLA kept per-step buffers of an unrolled backward solve alive (its
+            # compiled memory grew linearly with the steps; rolled it is flat)
+            unroll=False)
 
     # ---- arguments ------------------------------------------------------------------------
     def dynamic_args(self, args) -> tuple:

@@ -155,7 +155,12 @@ def odeint(
         loop (JAX), ``"checkpointed"`` (memory sublinear in the number of steps);
         ``"forward"`` otherwise (torch's eager loop is always differentiable; the adjoint's
         forward solve keeps no tape). Pass ``"forward"`` for JAX solves that are never
-        reverse-differentiated: cheaper to compile and to run.
+        reverse-differentiated: cheaper to compile and to run. Fixed-step methods on a
+        compiled backend (JAX): ``"checkpointed"`` runs the steps in the checkpointed loop,
+        so ``gradient="direct"`` stores the state entering each step instead of every
+        stage's residuals, for one more forward pass (64-D RNODE at 64 RK4 steps: 69 MB of
+        XLA scratch instead of 1.6 GB; see ``docs/performance.md``, Memory); the default is
+        the plain loop, the fastest for the few steps of RNODE's recipes.
     :param gradient: how reverse-mode gradients flow through the solve: ``"direct"``
         (default) backpropagates through every solver operation, the exact gradient of the
         computed solution, memory growing with the number of steps; ``"adjoint"`` or an
@@ -197,7 +202,7 @@ def odeint(
     else:
         settings = _fixed_step_settings(solver, backend, host_t, ts, rtol=rtol, atol=atol, step_size=step_size,
                                         n_steps=n_steps, norm=norm, controller=controller, dt_min=dt_min,
-                                        adjoint=adjoint)
+                                        adjoint=adjoint, loop_kind=loop_kind)
     if adjoint is not None and backend.has_autodiff:
         result = adjoint_integrate(func, leaves, treedef, ts, args, settings, adjoint, throw=throw)
     else:
@@ -356,7 +361,7 @@ def _positive_finite(name: str, value) -> float:
 
 
 def _fixed_step_settings(solver, backend, host_t, ts, *, rtol, atol, step_size, n_steps, norm, controller, dt_min,
-                         adjoint) -> LoopSettings:
+                         adjoint, loop_kind: str = "forward") -> LoopSettings:
     given = [name for name, v in (("rtol", rtol), ("atol", atol), ("norm", norm), ("controller", controller),
                                   ("dt_min", dt_min)) if v is not None]
     if given:
@@ -367,7 +372,7 @@ def _fixed_step_settings(solver, backend, host_t, ts, *, rtol, atol, step_size, 
         raise ValueError(f"{solver.name!r} is a fixed-step method: Adjoint(rtol=..., atol=...) do not apply "
                          "(the backward solve takes the forward solve's steps in reverse)")
     steps = _fixed_step_counts(solver, host_t, ts.shape[0] - 1, step_size, n_steps)
-    return LoopSettings(solver=solver, backend=backend, steps_per_interval=steps)
+    return LoopSettings(solver=solver, backend=backend, steps_per_interval=steps, loop_kind=loop_kind)
 
 
 def _fixed_step_counts(solver, host_t, n_intervals: int, step_size, n_steps) -> tuple[int, ...]:

@@ -80,7 +80,17 @@ class LoopSettings:
     :param norm: adaptive methods: the error norm as given to ``odeint(norm=...)``.
     :param controller: adaptive methods: the step-size controller.
     :param dt_min: adaptive methods: the smallest step magnitude (``None``: ``10·eps·max(|t|, |t₁ − t₀|)``).
-    :param loop_kind: adaptive methods: the backend's while-loop kind.
+    :param loop_kind: the backend's loop kind. Adaptive methods: the kind of the
+        ``while_loop`` of attempted steps. Fixed-step methods: ``"checkpointed"`` runs the
+        steps in the backend's checkpointed ``while_loop`` (reverse mode stores the state
+        entering each step, or each nested segment beyond the backend's level size, instead
+        of every stage's residuals, and recomputes the stages: one more forward pass); any
+        other kind runs them in ``fori_loop``.
+    :param unroll: fixed-step methods: whether the backend may unroll the step loop
+        (``fori_loop``; JAX unrolls short ones, which is faster on a CPU). The adjoint's
+        solves pass ``False``: XLA kept per-step buffers of an unrolled backward solve
+        alive, so its memory grew with the number of steps, and an unrolled forward solve
+        only costs compilation memory there.
     """
 
     solver: AbstractRungeKutta
@@ -94,6 +104,7 @@ class LoopSettings:
     controller: PIController = PIController()
     dt_min: float | None = None
     loop_kind: str = "forward"
+    unroll: bool = True
 
 
 def fixed_step_stats(solver: AbstractRungeKutta, steps_per_interval) -> Stats:
@@ -178,7 +189,7 @@ def _integrate_fixed(rhs: FlatRHS, y0: tuple, ts, args, settings: LoopSettings) 
             y1, _, _ = solver.step(rhs, t, y, h, args)
             return (t + h, y1)
 
-        _, y = backend.fori_loop(0, n, body, (t0, y))
+        _, y = _run_steps(backend, settings, n, body, (t0, y))
         outputs.append(y)
     ys = tuple(xp.stack([y0[j]] + [o[j] for o in outputs]) for j in range(len(y0)))
     device = backend.device_of(y0[0])
@@ -186,6 +197,29 @@ def _integrate_fixed(rhs: FlatRHS, y0: tuple, ts, args, settings: LoopSettings) 
                       xp.asarray(int(Status.NONFINITE), dtype=xp.int32, device=device))
     return LoopResult(ys=ys, stats=fixed_step_stats(solver, settings.steps_per_interval), status=status,
                       t_final=ts[-1])
+
+
+def _run_steps(backend: Backend, settings: LoopSettings, n: int, body: Callable, carry):
+    """``body(k, carry)`` for ``k = 0 … n − 1``, in the loop ``settings`` asks for.
+
+    ``"checkpointed"``: the backend's checkpointed ``while_loop`` bounded by ``n`` (its
+    condition is true until the ``n``-th step), whose reverse pass stores the states entering
+    the checkpointed segments and recomputes the rest. ``unroll=False``: a rolled
+    ``backend.scan``. Otherwise ``backend.fori_loop`` (which a backend may unroll).
+    """
+    if settings.loop_kind == "checkpointed" and not backend.eager:
+        def step(state):
+            k, c = state
+            return k + 1, body(k, c)
+
+        k0 = backend.namespace().asarray(0, dtype=backend.namespace().int32, device=backend.device_of(carry[1][0]))
+        return backend.while_loop(lambda state: state[0] < n, step, (k0, carry), max_steps=n, kind="checkpointed")[1]
+    if not settings.unroll:
+        def scan_body(c, _):
+            return body(None, c), ()
+
+        return backend.scan(scan_body, carry, None, length=n)[0]
+    return backend.fori_loop(0, n, body, carry)
 
 
 class AdaptiveLoop:
