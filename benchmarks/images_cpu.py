@@ -76,7 +76,8 @@ def train_one(images, backend: str, lam: float, args) -> dict:
     # an ImageData keeps the number of levels (a bare uint8 array means 256: the digits have 17)
     data = dataclasses.replace(images, train=train, test=None, train_labels=None, test_labels=None)
     started = time.perf_counter()
-    flow = otflow.fit(data, backend=backend, max_time=args.minutes * 60, max_iters=10 ** 9, val_fraction=0.0,
+    flow = otflow.fit(data, backend=backend, max_time=args.minutes * 60,
+                      max_iters=args.iters or 10 ** 9, val_fraction=0.0,
                       lambda_kinetic=lam, lambda_jacobian=lam, **recipe(args))
     info = flow.fit_info
     history = flow.history
@@ -193,6 +194,9 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=None, help="image data (default: Fashion-MNIST from the Debian package, else digits)")
     p.add_argument("--backends", nargs="+", default=["torch", "jax"])
     p.add_argument("--minutes", type=float, default=20.0, help="training time per backend and λ")
+    p.add_argument("--iters", type=int, default=None,
+                   help="stop after this many iterations (with --minutes as the time limit): runs that compare "
+                        "settings at equal iterations do not depend on how busy the machine is")
     p.add_argument("--lambda", dest="lambdas", type=float, nargs="+", default=[0.01], help="λ_K = λ_J values")
     p.add_argument("--batch", type=int, default=200)
     p.add_argument("--widths", type=int, nargs="+", default=[64, 64, 64])
