@@ -332,6 +332,13 @@ def test_stopping_by_epochs_time_and_patience():
         (3, by_epochs.history[-1]["val_nll"])
     by_time = otflow.fit(x, max_time=1e-9, max_iters=50, eval_every=10, **small)
     assert by_time.fit_info["iterations"] == 0 and by_time.history == []
+    # max_time ends a run off the cadence: its last iteration is validated (the returned
+    # parameters are not up to eval_every iterations old)
+    late = otflow.fit(x, max_time=0.5, max_iters=10 ** 6, eval_every=10 ** 6, **small)
+    n = late.fit_info["iterations"]
+    assert 0 < n < 10 ** 6
+    assert [h["it"] for h in late.history if "val_nll" in h] == [n - 1]
+    assert late.fit_info["best_iteration"] == n
     patient = otflow.fit(x, lr=1e-9, patience=2, max_iters=200, eval_every=2, **small)
     info = patient.fit_info
     # stopped after 2 evaluations without improvement on the best one

@@ -193,14 +193,20 @@ class _Run:
         main = self.replicas.is_main  # only the main process writes the history and shows the bar
         with self.stop, RunLog(self.opts.history if main else None, self.opts.quiet or not main,
                                list(state.history), max_iters) as log:
-            while state.iteration < max_iters and not self._asked_to_stop(started):
+            stopping = state.iteration >= max_iters or self._asked_to_stop(started)
+            while not stopping:
                 record, status = self._step()
                 state.iteration += 1
                 state.elapsed = time.perf_counter() - started
                 state.history.append(record)
                 self.last_record = record
                 self._apply_failure_policy(record, status, log)
-                self._validate(record, final=state.iteration == max_iters)
+                # decided before validating: a run that max_time ends is validated at its
+                # last iteration, as one that max_iters ends (else fit would return
+                # parameters up to eval_every iterations old); a stop signal is not
+                # (the user asked to stop now)
+                stopping = state.iteration >= max_iters or self._asked_to_stop(started)
+                self._validate(record, final=stopping and self.stop.received is None)
                 log.write(record)
                 if self.checkpoints.is_due(state.iteration):
                     self._write_checkpoint()
