@@ -7,7 +7,8 @@ repeat (these shared machines drift), and prints the ratio table of medians::
     python benchmarks/side_by_side.py --cases 2d-dopri5 --repeats 3 --iters 20
     python benchmarks/side_by_side.py --threads 1 --json out.json
 
-Rows are the anchors README's cases; the ratio columns are otflow-torch/torchdiffeq,
+Rows are the anchors README's cases, and ``8x8-images`` (otflow only: the anchors have no
+image model; torch against JAX on RNODE's image recipe); the ratio columns are otflow-torch/torchdiffeq,
 otflow-jax/diffrax and best-otflow/best-anchor (targets: ≤ 1.0, ≤ 1.0, ≤ 0.8).
 """
 from __future__ import annotations
@@ -32,6 +33,12 @@ CASES = {
     "2d-eval": ["--solver", "dopri5", "--iters", "5", "--warmup", "2", "--eval-points", "10000"],
 }
 
+#: rows only otflow runs (the anchors have no image model): the digits as 8×8 images,
+#: RNODE's recipe (RK4 × 4, widths 64, two blocks per scale) at batch 64
+OTFLOW_ONLY_CASES = {
+    "8x8-images": ["--data", "digits-images", "--batch", "64", "--widths", "64", "64", "64"],
+}
+
 IMPLS = {
     "torchdiffeq": lambda anchors: [str(anchors / "torchdiffeq_rnode.py")],
     "otflow-torch": lambda anchors: [str(HERE / "otflow_rnode.py"), "--backend", "torch", "--anchors", str(anchors)],
@@ -40,8 +47,13 @@ IMPLS = {
 }
 
 
-def run_one(impl, args, anchors, timeout):
-    script, *rest = IMPLS[impl](anchors)
+def run_one(impl, args, anchors, timeout, case=None):
+    if case in OTFLOW_ONLY_CASES:
+        if not impl.startswith("otflow"):
+            return {"error": "no anchor for this case"}
+        script, rest = str(HERE / "images_cpu.py"), ["--step-worker", impl.split("-", 1)[1]]
+    else:
+        script, *rest = IMPLS[impl](anchors)
     device = os.environ.get("OTFLOW_BENCH_TORCH_DEVICE")
     if device and impl in ("torchdiffeq", "otflow-torch"):
         # torch's default device for every tensor the script creates (the anchors take no device option)
@@ -58,7 +70,8 @@ def run_one(impl, args, anchors, timeout):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    p.add_argument("--cases", nargs="*", default=list(CASES) + list(OTFLOW_ONLY_CASES),
+                   choices=list(CASES) + list(OTFLOW_ONLY_CASES))
     p.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--iters", type=int, default=None, help="timed iterations per run (anchors' default 40)")
@@ -71,17 +84,18 @@ def main(argv=None):
     anchors = Path(a.anchors)
     records = {}
     for case in a.cases:
-        args = list(CASES[case])
+        args = list(CASES[case] if case in CASES else OTFLOW_ONLY_CASES[case])
+        impls = [i for i in a.impls if case in CASES or i.startswith("otflow")]
         if a.iters is not None and "--iters" not in args:
             args += ["--iters", str(a.iters)]
         if a.warmup is not None and "--warmup" not in args:
             args += ["--warmup", str(a.warmup)]
-        if a.threads:
+        if a.threads and case in CASES:
             args += ["--threads", str(a.threads)]
         for rep in range(a.repeats):
-            order = a.impls if rep % 2 == 0 else list(reversed(a.impls))
+            order = impls if rep % 2 == 0 else list(reversed(impls))
             for impl in order:
-                rec = run_one(impl, args, anchors, a.timeout)
+                rec = run_one(impl, args, anchors, a.timeout, case)
                 records.setdefault(case, {}).setdefault(impl, []).append(rec)
                 key = "eval_sec_median" if case.endswith("eval") else "sec_per_iter_median"
                 print(f"{case:18s} {impl:13s} rep {rep}: {rec.get(key, rec.get('error'))}  "

@@ -3,7 +3,8 @@
     python -m pytest benchmarks/test_hot_paths.py --benchmark-only -p no:randomly
 
 One dopri5 step of the RNODE augmented dynamics, one training step per backend
-and solver (rk4×4, dopri5 1e-5), and exact-trace ``log_prob`` on 2 000 points,
+and solver (rk4×4, dopri5 1e-5, rk4×4 with the adjoint, rk4×64 in the checkpointed
+loop), and exact-trace ``log_prob`` on 2 000 points,
 on the anchors' reference model (ConcatSquash MLP 2 → 64 → 64 → 64 → 2, batch 512).
 """
 from __future__ import annotations
@@ -25,7 +26,10 @@ def _backend(name):
 
 
 BACKENDS = ["torch", "jax"]
-SOLVERS = {"rk4x4": dict(method="rk4", n_steps=4), "dopri5": dict(method="dopri5", rtol=1e-5, atol=1e-5)}
+SOLVERS = {"rk4x4": dict(method="rk4", n_steps=4), "dopri5": dict(method="dopri5", rtol=1e-5, atol=1e-5),
+           # the adjoint's solves run rolled on JAX (its memory no longer grows with the steps)
+           "rk4x4-adjoint": dict(method="rk4", n_steps=4, gradient="adjoint"),
+           "rk4x64-checkpointed": dict(method="rk4", n_steps=64, loop_kind="checkpointed")}
 
 
 def _setup(name):
