@@ -222,12 +222,16 @@ def validate_data(x: np.ndarray) -> np.ndarray:
         raise ValueError(f"data has {x.shape[0]} sample(s); fitting a density needs at least 2")
     if x.shape[1] == 0:
         raise ValueError(f"data has shape {x.shape}: no features (columns); pass (n_samples, n_features)")
-    bad = ~np.isfinite(x)
+    _refuse_non_finite(x, "data", "drop or impute them first")
+    return x
+
+
+def _refuse_non_finite(a: np.ndarray, what: str, fix: str) -> None:
+    """A ValueError naming the rows of ``a`` with NaN or inf, and ``fix``."""
+    bad = ~np.isfinite(a)
     if bad.any():
         rows = np.unique(np.nonzero(bad)[0])
-        raise ValueError(f"data contains NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
-                         "drop or impute them first")
-    return x
+        raise ValueError(f"{what} contains NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); {fix}")
 
 
 def validate_context(context, source: DataSource) -> np.ndarray:
@@ -268,11 +272,7 @@ def validate_context(context, source: DataSource) -> np.ndarray:
     n = source.array.shape[0]
     if c.shape[0] != n:
         raise ValueError(f"context has {c.shape[0]} rows but the data have {n}: pass one context row per data row")
-    bad = ~np.isfinite(c)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad)[0])
-        raise ValueError(f"context contains NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
-                         "drop or impute those rows (and their data rows) first")
+    _refuse_non_finite(c, "context", "drop or impute those rows (and their data rows) first")
     return c
 
 
