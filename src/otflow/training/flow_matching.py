@@ -37,6 +37,7 @@ import math
 import numpy as np
 
 from ..cnf import MLP
+from .data import split_context
 
 __all__ = ["COUPLINGS", "FlowMatchingLoss", "FlowMatchingBatches", "ot_coupling", "check_coupling_available"]
 
@@ -153,9 +154,8 @@ class FlowMatchingLoss:
         xp = b.namespace()
         x, z = pairs[:, 0, ...], pairs[:, 1, ...]
         context = None
-        if getattr(self.fields[0], "context_dim", 0):
-            dim = self.fields[0].dim
-            x, context, z = x[:, :dim], x[:, dim:], z[:, :dim]
+        if self.fields[0].context_dim:
+            (x, context), (z, _) = split_context(x, self.fields[0].dim), split_context(z, self.fields[0].dim)
         batch, n = x.shape[0], len(self.fields)
         row_shape = (batch,) + (1,) * (x.ndim - 1)
         s = xp.reshape(self.draw_times(key, (batch,), dtype=x.dtype, device=b.device_of(x)), row_shape)
