@@ -371,3 +371,19 @@ def test_keys():
         assert {s: B.to_numpy(B.key(s)).tolist() for s in data} == data
     finally:
         jax.config.update("jax_enable_x64", True)
+
+
+def test_fast_paths_of_key_and_asarray_equal_jax_own_ops():
+    """B.key wraps the key data jax.random.key makes (no eager seeding op per training
+    iteration) and B.asarray converts numpy batches on the host before copying: both give
+    exactly what JAX's own calls give."""
+    for seed in (0, 1, 7, 12345, 2 ** 31, 2 ** 32 - 1):
+        key = B.key(seed)
+        assert jax.random.key_impl(key) == jax.random.key_impl(jax.random.key(seed))
+        assert B.to_numpy(key).tolist() == jax.random.key_data(jax.random.key(seed)).tolist()
+        np.testing.assert_array_equal(B.to_numpy(B.normal(key, (3,), dtype=jnp.float32)),
+                                      np.asarray(jax.random.normal(jax.random.key(seed), (3,), jnp.float32)))
+    x = np.random.default_rng(0).normal(size=(64, 3)) * np.array([1.0, 1e-30, 1e30])  # rounding and range
+    fast = B.asarray(x, dtype=jnp.float32, device="cpu")
+    assert fast.dtype == jnp.float32 and fast.committed
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(jnp.asarray(x, dtype=jnp.float32)))

@@ -348,10 +348,114 @@ def test_custom_vjp_under_backend_vjp_with_residual_outputs(bk):
     torch.testing.assert_close(vjp_fn(torch.ones_like(x))[0], 2 * torch.cos(x * x) * 2 * x)
 
 
+def test_vjp_in_first_order_custom_vjp_backward_keeps_no_graph(tb):
+    """Directly in a first-order custom_vjp backward (the adjoint's backward solve) a vjp keeps
+    no graph even when its function closes over a tensor requiring grad (its results are
+    detached anyway); a vjp nested inside that function is still differentiated (second-order
+    terms exact); in a double backward (create_graph) the outer vjp is tracked as usual."""
+    field, params = make_mlp()
+    seen = []
+
+    def probe_term(z, eps):  # a Hutchinson-style term: a vjp inside the differentiated function
+        v, inner_vjp = tb.vjp(field, z)
+        return v + inner_vjp(eps)[0]
+
+    def bwd(res, ct):
+        z, eps = res
+        out, vjp_fn = tb.vjp(lambda z_: probe_term(z_, eps), z)
+        seen.append(out.requires_grad)
+        return vjp_fn(ct)[0], None
+
+    g = tb.custom_vjp(lambda z, eps: probe_term(z, eps),
+                      lambda z, eps: (probe_term(z, eps), (z.detach(), eps)), bwd)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 3, generator=gen, dtype=F64, requires_grad=True)
+    eps = torch.randn(5, 3, generator=gen, dtype=F64)
+    ct = torch.randn(5, 3, generator=gen, dtype=F64)
+    (gz,) = torch.autograd.grad((g(z, eps) * ct).sum(), z)
+    ref = torch.autograd.grad((probe_term(z, eps) * ct).sum(), z)[0]
+    torch.testing.assert_close(gz, ref, rtol=1e-12, atol=1e-12)
+    assert seen == [False]  # untracked: the closed-over parameters were not followed
+    torch.autograd.grad((g(z, eps) * ct).sum(), z, create_graph=True)
+    assert seen == [False, True]  # a double backward tracks them
+
+
 def test_custom_vjp_bad_bwd_is_reported(tb):
     g = tb.custom_vjp(lambda x: x * 2, lambda x: (x * 2, None), lambda res, ct: ct * 2)
     with pytest.raises(TypeError, match="tuple of 1 cotangents"):
         g(torch.ones(2, requires_grad=True)).sum().backward()
+
+
+@pytest.mark.parametrize("name,weight_decay", [("adam", 0.0), ("adam", 0.1), ("adamw", 0.1)])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_trainer_updates_equal_torch_optim_loop_implementation(tb, name, weight_decay, dtype):
+    """The trainer's foreach Adam/AdamW gives, to the last bit, the parameters of torch's
+    per-parameter loop (its CPU default) over several steps."""
+    from otflow.training import OptimizerSpec, make_trainer
+
+    field, params = make_mlp()
+    init = [p.detach().to(dtype) for p in params]
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(6, 3, generator=gen, dtype=dtype) for _ in range(4)]
+
+    def loss_fn(p, x, key):
+        return (apply_mlp(p, x) ** 2).mean(), {"status": torch.zeros((), dtype=torch.int32)}
+
+    trainer = make_trainer(loss_fn, [p.clone() for p in init], OptimizerSpec(name=name, lr=0.05,
+                           weight_decay=weight_decay), backend=tb)
+    ref = [p.clone().requires_grad_() for p in init]
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    opt = cls(ref, lr=0.05, weight_decay=weight_decay, foreach=False)
+    for x in batches:
+        assert trainer.step(x, 0, 0.05)["applied"]
+        opt.zero_grad()
+        loss_fn(ref, x, 0)[0].backward()
+        opt.step()
+    for got, want in zip(trainer.params, ref):
+        assert torch.equal(got.detach(), want.detach())
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4", "dopri5"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.float16])
+def test_step_with_array_coefficients_equals_python_float_arithmetic(method, dtype):
+    """Eager torch steps multiply by cached 0-d coefficient tensors (float32/float64): the same
+    bits as the written-out step with Python floats, for the solution, error and FSAL stage."""
+    from otflow.ode.solvers import SOLVERS
+    from otflow.ode.solvers.runge_kutta import _ONE, _weights
+
+    solver = SOLVERS[method]()
+    tab = solver.tableau
+    gen = torch.Generator().manual_seed(2)
+    y = (torch.randn(7, 2, generator=gen).to(dtype), torch.randn(7, generator=gen).to(dtype))
+    t, h = torch.tensor(0.3, dtype=dtype), torch.tensor(0.125, dtype=dtype)
+
+    def f(t, y, args):
+        return (torch.tanh(y[0]) * t, torch.sin(y[1]) + y[0][:, 0])
+
+    def combine(coeffs, ks):  # the step written out with Python floats
+        out = []
+        for j in range(len(y)):
+            acc = None
+            for c, k in zip(coeffs, ks):
+                if c != 0:
+                    acc = k[j] * c if acc is None else acc + k[j] * c
+            out.append(acc)
+        return out
+
+    ks = [f(t, y, None)]
+    for i in range(1, tab.n_stages):
+        ks.append(f(t + h * tab.c[i], tuple(a + h * s for a, s in zip(y, combine(tab.a[i], ks))), None))
+    y1, err, _ = solver.step(f, t, y, h, None)
+    fsal_offset = 1 if tab.fsal else 0
+    want = tuple(a + h * s for a, s in zip(y, combine(tab.b, ks[:len(ks) - fsal_offset] + [ks[-1]] * fsal_offset)))
+    for got, ref in zip(y1, want):
+        assert torch.equal(got, ref)
+    if tab.b_error is not None:
+        for got, ref in zip(err, combine(tab.b_error, ks)):
+            assert torch.equal(got, h * ref)
+    weights = _weights(tab, h)
+    multipliers = [w for w in weights.b if w is not None and w is not _ONE]  # Euler has none
+    assert all(isinstance(w, torch.Tensor) == (dtype != torch.float16) for w in multipliers)
 
 
 # ---- checkpoint and loops -------------------------------------------------------------------

@@ -3,10 +3,11 @@
 Where it differs from the eager backends:
 
 * Loops compile. ``while_loop`` has three kinds: ``"forward"`` is
-  ``lax.while_loop`` (no reverse mode); ``"bounded"`` and ``"checkpointed"`` run
-  up to ``max_steps`` iterations as nested ``lax.scan``\\ s and can be
-  reverse-differentiated, with memory ~ ``max_steps`` × state and
-  ~ levels × ``max_steps ** (1/levels)`` × state respectively (see ``_loops``).
+  ``lax.while_loop`` (no reverse mode); ``"bounded"`` runs up to ``max_steps``
+  iterations as nested ``lax.scan``\\ s (memory ~ ``max_steps`` × state, forward
+  and reverse mode); ``"checkpointed"`` is online checkpointing around a
+  ``lax.while_loop`` that runs only the iterations needed (reverse mode, memory
+  ~ 2·√``max_steps`` × state; see ``_loops``).
   Python control flow on array values is not allowed (``eager = False``).
 * Random keys are typed keys from ``jax.random.key``; ``split`` returns a list.
 * float64 needs ``jax.config.update("jax_enable_x64", True)`` (or
@@ -23,6 +24,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         name="jax",
     ) from e
 
+from . import _native  # noqa: F401 - registers jax.nn's sigmoid and SiLU with the core
 from ._backend import JaxBackend
 
 __all__ = ["JaxBackend"]

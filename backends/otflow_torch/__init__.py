@@ -27,6 +27,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "Install it with: pip install 'otflow[torch]'"
     ) from e
 
+from . import _native  # noqa: F401 - registers torch's fused sigmoid and SiLU with the core
 from ._backend import TorchBackend
 
 __all__ = ["TorchBackend"]

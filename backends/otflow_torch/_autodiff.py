@@ -3,6 +3,7 @@ and the ``torch.autograd.Function`` behind ``custom_vjp``."""
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -11,6 +12,33 @@ from otflow.base import tree_flatten, tree_map, tree_unflatten
 
 def is_none(x) -> bool:
     return x is None
+
+
+_SCOPE = threading.local()
+
+
+def untracked_scope() -> bool:
+    """Whether the caller runs directly inside a first-order ``custom_vjp`` backward, whose
+    results are detached: nothing computed there can reach an enclosing graph."""
+    return getattr(_SCOPE, "untracked", False)
+
+
+class set_untracked:
+    """Context manager marking (``True``) or unmarking the current thread as inside
+    :func:`untracked_scope` (a class: it runs once per right-hand-side evaluation)."""
+
+    __slots__ = ("value", "before")
+
+    def __init__(self, value: bool):
+        self.value = value
+
+    def __enter__(self):
+        self.before = getattr(_SCOPE, "untracked", False)
+        _SCOPE.untracked = self.value
+
+    def __exit__(self, *exc):
+        _SCOPE.untracked = self.before
+        return False
 
 
 def under_transform() -> bool:
@@ -84,9 +112,11 @@ def autograd_vjp(f, primals, has_aux):
     nodes (views of primals that require grad, so an enclosing backward still reaches
     them; detached copies otherwise), so closed-over tensors are constants for ``vjp_fn``
     exactly as with ``torch.func.vjp``."""
-    grad_on = torch.is_grad_enabled()
+    # directly in a first-order custom_vjp backward (the adjoint's backward solve) the results
+    # are detached anyway: act as under no_grad, so no graph walk and no graph kept
+    grad_on = torch.is_grad_enabled() and not untracked_scope()
     leaves, treedef = tree_flatten(primals)
-    with torch.enable_grad():
+    with torch.enable_grad(), set_untracked(False):  # vjps inside f are ours to differentiate
         inner = [x.view_as(x) if grad_on and x.requires_grad else x.detach().requires_grad_() for x in leaves]
         res = f(*tree_unflatten(treedef, inner))
     out, aux = res if has_aux else (res, None)
@@ -250,7 +280,11 @@ class CustomVJPFunction(torch.autograd.Function):
                                                   for ref in meta.res_refs])
         out_cts = [torch.zeros(shape, dtype=dtype, device=device) if c is None else c
                    for c, (shape, dtype, device) in zip(cts, meta.out_meta)]
-        with torch.enable_grad():
+        # torch runs a backward with grad mode on only for a double backward (create_graph);
+        # in a first-order one nothing bwd computes can reach a graph (its cotangents are
+        # detached below), so the vjps it calls directly keep none (untracked scope)
+        first_order = not torch.is_grad_enabled()
+        with torch.enable_grad(), set_untracked(first_order):
             arg_cts = meta.bwd(residuals, tree_unflatten(meta.out_def, out_cts))
         if not isinstance(arg_cts, (tuple, list)) or len(arg_cts) != len(meta.arg_defs):
             raise TypeError(f"custom_vjp: bwd must return a tuple of {len(meta.arg_defs)} cotangents "

@@ -150,6 +150,10 @@ class TorchBackend(Backend):
         Only the arguments are differentiated: tensors ``fun`` closes over get no
         gradient through it (pass parameters as an argument). The backward is
         first-order: a double backward sees no second-order term from this function.
+        Since ``bwd``'s cotangents are detached, in a first-order backward the :meth:`vjp`
+        calls ``bwd`` makes directly keep no graph beyond their own (as under ``no_grad``;
+        VJPs nested in the functions they differentiate are tracked as usual): the adjoint's
+        backward solve neither builds nor searches graphs it cannot use.
 
         Auxiliary backward outputs: pass a dummy ``torch.zeros((), requires_grad=True)``
         argument and return the information (e.g. the backward NFE) as its cotangent;

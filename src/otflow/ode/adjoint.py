@@ -17,6 +17,13 @@ cotangent ``∂L/∂y_i`` is added to ``a`` (torchdiffeq's ``odeint_adjoint`` do
 same). The output times get ``∂L/∂t_i = (∂L/∂y_i)ᵀ f(t_i, y_i)`` for ``i ≥ 1`` and
 ``∂L/∂t_0 = −a(t_0⁺)ᵀ f(t_0, y_0)``. Memory is independent of the number of steps.
 
+The backward solve integrates the augmented state ``(y, a, g)`` packed into one flat
+array (``_FlatLayout``), as torchdiffeq's ``odeint_adjoint`` does: each stage
+combination, accept/reject select and error estimate of the loop is then one array
+operation instead of one per leaf (the parameter adjoint alone has a leaf per weight
+and bias). The packing only moves numbers: every value is the one the per-leaf solve
+computes.
+
 Error control of the backward solve (adaptive methods): the forward ``norm`` is
 applied to ``y`` and to ``a`` separately (so a forward mask, such as the CNF's
 masked regularizer integrals, masks the matching adjoint components too) and the
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -194,6 +202,47 @@ def adjoint_stats(counter_grad) -> AdjointStats:
 
 
 # --------------------------------------------------------------------------------------------
+# the packed augmented state
+
+
+class _FlatLayout:
+    """Arrays of fixed shapes packed end to end into one 1-D array, and unpacked as views.
+
+    The adjoint's backward solve carries ``(y, a, g)`` this way, so the integration loop
+    sees one leaf. Unpacking slices and reshapes (no copy where the backend has views);
+    packing is one ``concat``.
+
+    :param shapes: the shape of each array, in order.
+    """
+
+    def __init__(self, shapes):
+        self.shapes = tuple(tuple(int(n) for n in s) for s in shapes)
+        self.sizes = tuple(math.prod(s) for s in self.shapes)
+        self.offsets = tuple(sum(self.sizes[:i]) for i in range(len(self.sizes)))
+        self.size = sum(self.sizes)
+
+    def pack(self, xp, arrays):
+        """One 1-D array holding ``arrays`` (shaped as ``shapes``) end to end.
+
+        :param xp: the array namespace.
+        :param arrays: one array per shape, all of one dtype.
+        :returns: a 1-D array of length :attr:`size`.
+        """
+        return xp.concat([xp.reshape(x, (-1,)) for x in arrays], axis=0)
+
+    def unpack(self, xp, flat, start: int = 0) -> tuple:
+        """The arrays packed in ``flat`` from position ``start`` on.
+
+        :param xp: the array namespace.
+        :param flat: a 1-D array (or a longer one whose segment from ``start`` holds them).
+        :param start: where the first array begins.
+        :returns: a tuple of arrays shaped as ``shapes``.
+        """
+        return tuple(xp.reshape(flat[start + o:start + o + n], s)
+                     for o, n, s in zip(self.offsets, self.sizes, self.shapes))
+
+
+# --------------------------------------------------------------------------------------------
 # the custom VJP
 
 
@@ -218,11 +267,19 @@ def adjoint_integrate(func: Callable, leaves, treedef, ts, args, settings: LoopS
         counter = backend.namespace().zeros((len(COUNTER_FIELDS),), dtype=leaves[0].dtype,
                                             device=backend.device_of(leaves[0]))
     solve = _AdjointSolve(func, treedef, args, settings, gradient, throw, counter.dtype)
+    solve.constant_times = _is_constant(backend, ts)
     fn = backend.custom_vjp(solve.primal, solve.fwd, solve.bwd)
     result = fn(tuple(leaves), ts, solve.dynamic_args(args), counter)
     if result.stats is None:
         result = result._replace(stats=fixed_step_stats(settings.solver, settings.steps_per_interval))
     return result
+
+
+def _is_constant(backend: Backend, x) -> bool:
+    """Whether ``x`` is known to need no gradient: a concrete array that says it does not
+    require one (a torch tensor with ``requires_grad=False``; duck-typed, the core imports no
+    framework). Arrays without the attribute (JAX) may be differentiated and count as not constant."""
+    return getattr(x, "requires_grad", None) is False and backend.is_concrete(x)
 
 
 class _AdjointSolve:
@@ -247,6 +304,7 @@ class _AdjointSolve:
         self.static = [None if d else x for x, d in zip(arg_leaves, self.is_dyn)]
         self.is_diff = [self.xp.isdtype(x.dtype, "real floating") for x, d in zip(arg_leaves, self.is_dyn) if d]
         self.rhs = FlatRHS(func, treedef, b)
+        self.constant_times = False  # set by adjoint_integrate: skip the output times' cotangents
         self.seminorm = gradient.seminorm
         solver = settings.solver
         self.state_norm = resolve_norm(settings.norm, treedef, b.tree_unflatten) if solver.adaptive else None
@@ -291,31 +349,43 @@ class _AdjointSolve:
         return out, (ts, out.ys, tuple(dyn))
 
     # ---- backward ---------------------------------------------------------------------------
-    def augmented_error_norm(self, tree):
-        """The backward solve's error norm of the scaled error of ``(y, a, g)``."""
-        xp = self.xp
-        y, a, g = tree
-        value = xp.maximum(self.state_norm(list(y), xp), self.state_norm(list(a), xp))
-        if not self.seminorm and len(g):
-            value = xp.maximum(value, self.param_norm.on_leaves(list(g), xp))
+    def set_layout(self, y_shapes, g_shapes) -> None:
+        """Fix the packing of the augmented state ``(y, a, g)`` (static shapes: the state's
+        leaves, twice, then the differentiable argument leaves)."""
+        self.n_y = len(y_shapes)
+        self.y_layout = _FlatLayout(y_shapes)
+        self.g_layout = _FlatLayout(g_shapes)
+        self.layout = _FlatLayout(tuple(y_shapes) * 2 + tuple(g_shapes))
+
+    def augmented_error_norm(self, scaled):
+        """The backward solve's error norm of the packed scaled error of ``(y, a, g)``: the
+        forward norm of ``y`` and of ``a`` (and, without the seminorm, the norm of ``g``)."""
+        xp, size = self.xp, self.y_layout.size
+        value = xp.maximum(self.state_norm(list(self.y_layout.unpack(xp, scaled)), xp),
+                           self.state_norm(list(self.y_layout.unpack(xp, scaled, size)), xp))
+        if not self.seminorm and self.g_layout.sizes:
+            value = xp.maximum(value, self.param_norm.on_leaves(list(self.g_layout.unpack(xp, scaled, 2 * size)), xp))
         return value
 
     def augmented_rhs(self, t, state, dyn):
-        """``(f, −aᵀ∂f/∂y, −aᵀ∂f/∂θ)``: one ``func`` evaluation and one VJP."""
-        xp = self.xp
-        y, a, _ = state
+        """``(f, −aᵀ∂f/∂y, −aᵀ∂f/∂θ)`` on the packed state: one ``func`` evaluation and one VJP."""
+        xp, size = self.xp, self.y_layout.size
+        y = self.y_layout.unpack(xp, state)
+        # the VJP is linear in its cotangent and IEEE negation is exact, so the VJP of −a is
+        # −(the VJP of a) to the last bit: one negation instead of one per cotangent leaf
+        minus_a = self.y_layout.unpack(xp, -state[size:2 * size])
         diff = tuple(x for x, d in zip(dyn, self.is_diff) if d)
 
         def f_of(y_, p_):
             return self.rhs(t, y_, self.assemble(self.with_diff(dyn, p_)))
 
-        f_value, vjp_fn = self.backend.vjp(f_of, tuple(y), diff)
-        a_y, a_p = vjp_fn(tuple(a))
-        dtype = y[0].dtype
-        out = (tuple(f_value), tuple(-v for v in a_y), tuple(-xp.astype(v, dtype) for v in a_p))
-        # a plain array tree out: no graph survives between evaluations (torch's backward
-        # runs with grad mode on), so the backward solve's memory stays flat
-        return self.sg(out)
+        f_value, vjp_fn = self.backend.vjp(f_of, y, diff)
+        minus_a_y, minus_a_p = vjp_fn(minus_a)
+        dtype = state.dtype
+        parts = [*f_value, *minus_a_y, *(v if v.dtype == dtype else xp.astype(v, dtype) for v in minus_a_p)]
+        # a plain array out: no graph survives between evaluations (torch's backward runs
+        # with grad mode on), so the backward solve's memory stays flat
+        return self.sg(self.layout.pack(xp, parts))
 
     def dot(self, u, v):
         total = None
@@ -323,6 +393,13 @@ class _AdjointSolve:
             s = self.xp.sum(x * w)
             total = s if total is None else total + s
         return total
+
+    def time_cotangent(self, t, y, ct, dyn):
+        """``ctᵀ f(t, y)``, the cotangent of an output time (zero when the times are constants:
+        then the ``N + 1`` evaluations of ``func`` it takes are skipped)."""
+        if self.constant_times:
+            return self.xp.zeros((), dtype=y[0].dtype, device=self.backend.device_of(y[0]))
+        return self.dot(ct, self.rhs(t, y, self.assemble(dyn)))
 
     def backward_interval(self, carry, x, *, dyn, steps):
         """Integrate the augmented system over one output interval, from ``t_hi`` down to ``t_lo``.
@@ -335,20 +412,21 @@ class _AdjointSolve:
         xp = self.xp
         a_int, g, counts = carry
         t_hi, t_lo, y_hi, ct_hi = x
-        dt_hi = self.dot(ct_hi, self.rhs(t_hi, y_hi, self.assemble(dyn)))
+        dt_hi = self.time_cotangent(t_hi, y_hi, ct_hi, dyn)
         a = tuple(u + c for u, c in zip(a_int, ct_hi))
-        aug_leaves, aug_def = self.backend.tree_flatten((tuple(y_hi), a, tuple(g)))
+        aug0 = self.layout.pack(xp, (*y_hi, *a, *g))
         settings = self.backward_settings
         if steps is not None:
             settings = dataclasses.replace(settings, steps_per_interval=(steps,))
-        out = integrate(self.augmented_rhs, aug_leaves, aug_def, xp.stack([t_hi, t_lo]), dyn, settings)
-        n_y = len(y_hi)
-        end = [leaf[-1, ...] for leaf in out.ys]
+        _, aug_def = self.backend.tree_flatten(aug0)
+        out = integrate(self.augmented_rhs, [aug0], aug_def, xp.stack([t_hi, t_lo]), dyn, settings)
+        end = self.layout.unpack(xp, out.ys[0][-1, ...])
+        n_y = self.n_y
         failed = xp.astype(out.status != int(Status.SUCCESS), xp.int32)
         st = out.stats
         counts = (counts[0] + st.nfe, counts[1] + st.n_steps, counts[2] + st.n_accepted, counts[3] + st.n_rejected,
                   xp.maximum(counts[4], failed), xp.maximum(counts[5], out.status))
-        return (tuple(end[n_y:2 * n_y]), tuple(end[2 * n_y:]), counts), dt_hi
+        return (end[n_y:2 * n_y], end[2 * n_y:], counts), dt_hi
 
     def bwd(self, residuals, out_ct: LoopResult):
         """The cotangents of ``(y0, ts, dyn, counter)``; the counter's is the backward counts."""
@@ -358,6 +436,7 @@ class _AdjointSolve:
         device = b.device_of(ys[0])
         zero_i = xp.asarray(0, dtype=xp.int32, device=device)
         diff0 = [x for x, d in zip(dyn, self.is_diff) if d]
+        self.set_layout([tuple(y.shape[1:]) for y in ys], [tuple(x.shape) for x in diff0])
         carry = (tuple(xp.zeros_like(y[0, ...]) for y in ys),
                  tuple(xp.zeros(x.shape, dtype=ys[0].dtype, device=device) for x in diff0),
                  (zero_i,) * 6)
@@ -374,8 +453,8 @@ class _AdjointSolve:
                 dts.append(dt_i)
             dts = xp.stack(dts[::-1])
         a_int, g, counts = carry
-        dt0 = -self.dot(a_int, self.rhs(ts[0], tuple(y[0, ...] for y in ys), self.assemble(dyn)))
-        ts_ct = xp.concat([xp.reshape(dt0, (1,)), xp.astype(dts, dt0.dtype)], axis=0)
+        dt0 = -self.time_cotangent(ts[0], tuple(y[0, ...] for y in ys), a_int, dyn)
+        ts_ct = None if self.constant_times else xp.concat([xp.reshape(dt0, (1,)), xp.astype(dts, dt0.dtype)], axis=0)
         y0_ct = tuple(u + c[0, ...] for u, c in zip(a_int, ct_ys))
         failed, status = counts[4], counts[5]
         if self.throw and b.is_concrete(status) and int(b.to_numpy(status)) != int(Status.SUCCESS):
@@ -389,7 +468,8 @@ class _AdjointSolve:
         dyn_ct = tuple(xp.astype(nan_if_failed(next(g_it)), x.dtype) if d else None for x, d in zip(dyn, self.is_diff))
         counts_ct = xp.stack([xp.astype(c, self.counter_dtype) for c in counts[:4]]
                              + [xp.astype(failed, self.counter_dtype)])
-        return (tuple(nan_if_failed(v) for v in y0_ct), xp.astype(nan_if_failed(ts_ct), ts.dtype), dyn_ct, counts_ct)
+        ts_ct = None if ts_ct is None else xp.astype(nan_if_failed(ts_ct), ts.dtype)
+        return (tuple(nan_if_failed(v) for v in y0_ct), ts_ct, dyn_ct, counts_ct)
 
 
 def _raise_backward_failure(backend, status: Status, ts, max_steps) -> None:

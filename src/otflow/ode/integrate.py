@@ -152,13 +152,15 @@ def odeint(
     :param loop_kind: the backend's while-loop kind for adaptive solves (``"forward"``,
         ``"bounded"``, ``"checkpointed"``; see :data:`otflow.base.LOOP_KINDS`). Default: with
         ``gradient="direct"`` on a backend that cannot reverse-differentiate a ``"forward"``
-        loop (JAX), ``"checkpointed"`` (memory sublinear in the number of steps);
+        loop (JAX), ``"checkpointed"`` (memory sublinear in ``max_steps``; on JAX online
+        checkpointing that stores every step's input up to 64 steps, so the gradient costs
+        2 forward passes + 1 backward pass of the steps taken);
         ``"forward"`` otherwise (torch's eager loop is always differentiable; the adjoint's
         forward solve keeps no tape). Pass ``"forward"`` for JAX solves that are never
         reverse-differentiated: cheaper to compile and to run. Fixed-step methods on a
         compiled backend (JAX): ``"checkpointed"`` runs the steps in the checkpointed loop,
         so ``gradient="direct"`` stores the state entering each step instead of every
-        stage's residuals, for one more forward pass (64-D RNODE at 64 RK4 steps: 69 MB of
+        stage's residuals, for one more forward pass (64-D RNODE at 64 RK4 steps: 26 MB of
         XLA scratch instead of 1.6 GB; see ``docs/performance.md``, Memory); the default is
         the plain loop, the fastest for the few steps of RNODE's recipes.
     :param gradient: how reverse-mode gradients flow through the solve: ``"direct"``

@@ -83,9 +83,9 @@ class LoopSettings:
     :param loop_kind: the backend's loop kind. Adaptive methods: the kind of the
         ``while_loop`` of attempted steps. Fixed-step methods: ``"checkpointed"`` runs the
         steps in the backend's checkpointed ``while_loop`` (reverse mode stores the state
-        entering each step, or each nested segment beyond the backend's level size, instead
-        of every stage's residuals, and recomputes the stages: one more forward pass); any
-        other kind runs them in ``fori_loop``.
+        entering each step, or every few steps beyond the backend's slots, instead of every
+        stage's residuals, and recomputes the stages: one more forward pass, at most two
+        beyond the slots); any other kind runs them in ``fori_loop``.
     :param unroll: fixed-step methods: whether the backend may unroll the step loop
         (``fori_loop``; JAX unrolls short ones, which is faster on a CPU). The adjoint's
         solves pass ``False``: XLA kept per-step buffers of an unrolled backward solve
@@ -204,8 +204,8 @@ def _run_steps(backend: Backend, settings: LoopSettings, n: int, body: Callable,
 
     ``"checkpointed"``: the backend's checkpointed ``while_loop`` bounded by ``n`` (its
     condition is true until the ``n``-th step), whose reverse pass stores the states entering
-    the checkpointed segments and recomputes the rest. ``unroll=False``: a rolled
-    ``backend.scan``. Otherwise ``backend.fori_loop`` (which a backend may unroll).
+    the steps (or the checkpointed segments, beyond the backend's slots) and recomputes the
+    rest. ``unroll=False``: a rolled ``backend.scan``. Otherwise ``backend.fori_loop`` (which a backend may unroll).
     """
     if settings.loop_kind == "checkpointed" and not backend.eager:
         def step(state):
