@@ -209,6 +209,7 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny model: checks the script works, measures nothing")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--json", default=None, help="write the records here")
+    p.add_argument("--parallel-only", action="store_true", help="run only the N-process/device configuration")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -219,7 +220,7 @@ def main(argv=None) -> None:
     records = []
     for backend in a.backends:
         n = a.n if a.n else _gpu_count(backend)
-        for count in sorted({1, n}):
+        for count in [n] if a.parallel_only else sorted({1, n}):
             rec = run(backend, count, a, passthrough)
             records.append(rec)
             if "error" in rec:

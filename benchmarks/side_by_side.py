@@ -7,8 +7,9 @@ repeat (these shared machines drift), and prints the ratio table of medians::
     python benchmarks/side_by_side.py --cases 2d-dopri5 --repeats 3 --iters 20
     python benchmarks/side_by_side.py --threads 1 --json out.json
 
-Rows are the anchors README's cases, and ``8x8-images`` (otflow only: the anchors have no
-image model; torch against JAX on RNODE's image recipe); the ratio columns are otflow-torch/torchdiffeq,
+Rows are the anchors README's cases, ``8x8-images`` (otflow only: the anchors have no
+image model; torch against JAX on RNODE's image recipe) and ``64d-rk4-2dev`` (otflow only:
+the ``64d-rk4`` step data-parallel over 2 torch ranks or 2 JAX host devices); the ratio columns are otflow-torch/torchdiffeq,
 otflow-jax/diffrax and best-otflow/best-anchor (targets: ≤ 1.0, ≤ 1.0, ≤ 0.8).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +41,12 @@ OTFLOW_ONLY_CASES = {
     "8x8-images": ["--data", "digits-images", "--batch", "64", "--widths", "64", "64", "64"],
 }
 
+#: data-parallel rows (otflow only: the anchors train on one device): the ``64d-rk4`` case
+#: with its global batch of 256 split over 2 torch ranks (gloo, one thread each) or a mesh of
+#: 2 JAX host devices, through ``benchmarks/distributed.py`` (``fit``'s trainer); compare
+#: with the one-device ``64d-rk4`` row
+DATA_PARALLEL_CASES = {"64d-rk4-2dev": 2}
+
 IMPLS = {
     "torchdiffeq": lambda anchors: [str(anchors / "torchdiffeq_rnode.py")],
     "otflow-torch": lambda anchors: [str(HERE / "otflow_rnode.py"), "--backend", "torch", "--anchors", str(anchors)],
@@ -48,6 +56,8 @@ IMPLS = {
 
 
 def run_one(impl, args, anchors, timeout, case=None):
+    if case in DATA_PARALLEL_CASES:
+        return _data_parallel(impl, DATA_PARALLEL_CASES[case], args, timeout)
     if case in OTFLOW_ONLY_CASES:
         if not impl.startswith("otflow"):
             return {"error": "no anchor for this case"}
@@ -68,10 +78,27 @@ def run_one(impl, args, anchors, timeout, case=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _data_parallel(impl, n, args, timeout):
+    """One data-parallel configuration through ``distributed.py``: its step time as the row's figure."""
+    if not impl.startswith("otflow"):
+        return {"error": "no anchor for this case"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "records.json")
+        cmd = [sys.executable, str(HERE / "distributed.py"), "--backends", impl.split("-", 1)[1], "--n", str(n),
+               "--parallel-only", "--threads", "1", "--json", path, *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0 or not os.path.exists(path):
+            return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
+        rec = json.loads(Path(path).read_text())[0]
+    if "error" in rec:
+        return rec
+    return {**rec, "sec_per_iter_median": rec["step_sec_median"], "nfe_forward_mean": None}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="*", default=list(CASES) + list(OTFLOW_ONLY_CASES),
-                   choices=list(CASES) + list(OTFLOW_ONLY_CASES))
+    every = list(CASES) + list(OTFLOW_ONLY_CASES) + list(DATA_PARALLEL_CASES)
+    p.add_argument("--cases", nargs="*", default=every, choices=every)
     p.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--iters", type=int, default=None, help="timed iterations per run (anchors' default 40)")
@@ -84,7 +111,7 @@ def main(argv=None):
     anchors = Path(a.anchors)
     records = {}
     for case in a.cases:
-        args = list(CASES[case] if case in CASES else OTFLOW_ONLY_CASES[case])
+        args = list(CASES[case] if case in CASES else OTFLOW_ONLY_CASES.get(case, []))
         impls = [i for i in a.impls if case in CASES or i.startswith("otflow")]
         if a.iters is not None and "--iters" not in args:
             args += ["--iters", str(a.iters)]

@@ -28,7 +28,7 @@ from otflow_torch._distributed import ProcessGroupReplicas
 OUT = sys.argv[1]
 RANK = int(os.environ["RANK"])
 DATA = np.random.default_rng(0).normal(size=(64, 2)) * np.array([1.0, 0.5])
-BASE = dict(backend="torch", hidden=(8,), batch_size=8, max_iters=3, quiet=True, val_fraction=0.0, dtype="float64",
+BASE = dict(objective="rnode", backend="torch", hidden=(8,), batch_size=8, max_iters=3, quiet=True, val_fraction=0.0, dtype="float64",
             seed=3, method="rk4", steps=2)
 
 inject: dict = {}
@@ -69,9 +69,9 @@ _RunLog = loop_module.RunLog
 
 
 class _RecordingRunLog(_RunLog):
-    def __init__(self, history_path, quiet, earlier, total):
+    def __init__(self, history_path, quiet, earlier, total, **kwargs):
         history_files.append((history_path, quiet))
-        super().__init__(history_path, quiet, earlier, total)
+        super().__init__(history_path, quiet, earlier, total, **kwargs)
 
 
 loop_module.RunLog = _RecordingRunLog

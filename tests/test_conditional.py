@@ -301,7 +301,7 @@ def test_fit_refuses_bad_contexts():
 
 def test_fit_resume_with_context_is_exact_and_checks_the_context(tmp_path):
     x, c = gaussian_data(200, 1)
-    opts = dict(backend="torch", hidden=(8,), batch_size=32, method="rk4", steps=2, eval_every=2, quiet=True,
+    opts = dict(objective="rnode", backend="torch", hidden=(8,), batch_size=32, method="rk4", steps=2, eval_every=2, quiet=True,
                 val_fraction=0.1, eval_rtol=1e-4, eval_atol=1e-4)
     whole = otflow.fit(x, context=c, max_iters=4, **opts)
     ck = str(tmp_path / "ck.safetensors")
@@ -368,7 +368,7 @@ def test_cli_fits_samples_and_evaluates_a_conditional_flow(tmp_path, capsys):
     csv = tmp_path / "data.csv"
     np.savetxt(csv, table, delimiter=",")
     model = tmp_path / "model.safetensors"
-    assert main(["fit", str(csv), "--context-columns", "1", "--backend", "torch", "--max-iters", "2",
+    assert main(["fit", str(csv), "--context-columns", "1", "--backend", "torch", "--objective", "rnode", "--max-iters", "2",
                  "--method", "rk4", "--steps", "2", "--batch-size", "32", "--quiet", "--set", "hidden=[8]",
                  "-o", str(model)]) == 0
     flow = otflow.load(model, backend="torch")

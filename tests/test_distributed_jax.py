@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent('''
     from otflow.training.data import prepare_data, read_data
 
     DATA = np.random.default_rng(0).normal(size=(96, 2)) * np.array([1.0, 0.5])
-    BASE = dict(backend="jax", hidden=(8,), batch_size=8, max_iters=3, quiet=True, val_fraction=0.0, dtype="float64",
+    BASE = dict(objective="rnode", backend="jax", hidden=(8,), batch_size=8, max_iters=3, quiet=True, val_fraction=0.0, dtype="float64",
                 seed=3, method="euler", steps=2)  # the cheapest program to compile
 
     def leaves(flow):
@@ -188,7 +188,7 @@ def test_the_command_line_trains_on_a_mesh(tmp_path):
     np.save(data, np.random.default_rng(0).normal(size=(64, 2)))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     out = tmp_path / "model.safetensors"
-    done = subprocess.run([sys.executable, "-m", "otflow", "fit", str(data), "--backend", "jax", "--max-iters", "2",
+    done = subprocess.run([sys.executable, "-m", "otflow", "fit", str(data), "--backend", "jax", "--objective", "rnode", "--max-iters", "2",
                            "--batch-size", "8", "--method", "euler", "--steps", "2", "--set", "hidden=[8]",
                            "--set", "devices=2", "--quiet", "-o", str(out)], env=env, capture_output=True, text=True,
                           timeout=600)

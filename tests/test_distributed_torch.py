@@ -28,7 +28,7 @@ from otflow.training.model import build_fields, initial_params  # noqa: E402
 
 WORKER = Path(__file__).with_name("distributed_torch_worker.py")
 DATA = np.random.default_rng(0).normal(size=(64, 2)) * np.array([1.0, 0.5])
-BASE = dict(backend="torch", hidden=(8,), batch_size=8, max_iters=3, quiet=True, val_fraction=0.0, dtype="float64",
+BASE = dict(objective="rnode", backend="torch", hidden=(8,), batch_size=8, max_iters=3, quiet=True, val_fraction=0.0, dtype="float64",
             seed=3, method="rk4", steps=2)
 
 
@@ -237,7 +237,7 @@ def test_the_command_line_trains_data_parallel_under_torchrun(tmp_path):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "otflow", "fit", str(data), "--backend", "torch", "--max-iters", "2",
+        cmd = [sys.executable, "-m", "otflow", "fit", str(data), "--backend", "torch", "--objective", "rnode", "--max-iters", "2",
                "--batch-size", "8", "--method", "rk4", "--steps", "2", "--set", "hidden=[8]", "--quiet",
                "-o", str(tmp_path / "model.safetensors")]
         procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -23,7 +23,7 @@ from otflow.training.checkpoint import jsonable
 
 
 BACKENDS = [n for n in ("torch", "jax") if _has(n)]
-FAST = dict(hidden=(32, 32), batch_size=256, eval_every=100, val_points=1000, quiet=True, rtol=1e-4, atol=1e-4,
+FAST = dict(objective="rnode", hidden=(32, 32), batch_size=256, eval_every=100, val_points=1000, quiet=True, rtol=1e-4, atol=1e-4,
             eval_rtol=1e-5, eval_atol=1e-5, lr=3e-3)
 
 
@@ -222,7 +222,7 @@ def test_options_and_config_validation(tmp_path):
         with pytest.raises(ValueError, match=match):
             otflow.fit(np.zeros((10, 2)), **bad)
     cfg = tmp_path / "fit.toml"
-    cfg.write_text('max_iters = 2\nhidden = [8]\nquiet = true\nmethod = "rk4"\nsteps = 2\n')
+    cfg.write_text('objective = "rnode"\nmax_iters = 2\nhidden = [8]\nquiet = true\nmethod = "rk4"\nsteps = 2\n')
     flow = otflow.fit(np.random.default_rng(0).normal(size=(100, 2)), config=str(cfg), eval_every=1, val_points=10)
     options = flow.fit_info["options"]
     assert flow.fit_info["iterations"] == 2 and len(flow.history) == 2
@@ -234,7 +234,7 @@ def test_options_and_config_validation(tmp_path):
     with pytest.raises(TypeError, match="lambda_kinetic"):
         otflow.fit(np.zeros((10, 2)), config=str(bad_cfg))
     yml = tmp_path / "fit.yaml"
-    yml.write_text("max_iters: 1\nquiet: true\nmethod: euler\nsteps: 1\n")
+    yml.write_text("objective: rnode\nmax_iters: 1\nquiet: true\nmethod: euler\nsteps: 1\n")
     assert otflow.fit(np.random.default_rng(0).normal(size=(50, 2)), config=str(yml), val_points=5,
                       eval_every=1).fit_info["iterations"] == 1
 
@@ -257,7 +257,7 @@ def test_bad_data_is_refused_before_training(data, exc, match):
 
 def test_integer_data_are_converted_exactly():
     x = np.random.default_rng(0).integers(0, 50, size=(200, 2))
-    opts = dict(max_iters=2, quiet=True, method="euler", steps=1, val_points=10, eval_every=1, hidden=(8,))
+    opts = dict(objective="rnode", max_iters=2, quiet=True, method="euler", steps=1, val_points=10, eval_every=1, hidden=(8,))
     as_int, as_float = otflow.fit(x, **opts), otflow.fit(x.astype(np.float64), **opts)
     b = as_int.backend
     for p, q in zip(b.tree_leaves(as_int.params), b.tree_leaves(as_float.params)):
@@ -272,7 +272,7 @@ def test_cli_end_to_end(tmp_path):
     out = run("datasets")
     assert out.returncode == 0 and "checkerboard" in out.stdout and "3.4657" in out.stdout
     model = tmp_path / "m.safetensors"
-    out = run("fit", "2spirals", "--max-iters", "3", "--eval-every", "3", "--quiet", "--method", "rk4",
+    out = run("fit", "2spirals", "--objective", "rnode", "--max-iters", "3", "--eval-every", "3", "--quiet", "--method", "rk4",
               "--steps", "2", "--set", "hidden=[16]", "--set", "val_points=50", "--out", str(model))
     assert out.returncode == 0, out.stderr
     assert model.exists() and "trained 3 iterations" in out.stdout
@@ -296,7 +296,7 @@ def test_corrupted_and_truncated_model_files(tmp_path):
     from otflow.cnf.serialize import ModelFileError
 
     flow = otflow.fit(np.random.default_rng(0).normal(size=(100, 2)), max_iters=1, quiet=True, method="euler",
-                      steps=1, val_points=10, eval_every=1)
+                      steps=1, val_points=10, eval_every=1, objective="rnode")
     path = flow.save(tmp_path / "f.safetensors")
     data = path.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
@@ -322,7 +322,7 @@ def test_corrupted_and_truncated_model_files(tmp_path):
 
 def test_stopping_by_epochs_time_and_patience():
     x = np.random.default_rng(0).normal(size=(300, 2))
-    small = dict(quiet=True, method="euler", steps=1, val_points=20, hidden=(8,))
+    small = dict(objective="rnode", quiet=True, method="euler", steps=1, val_points=20, hidden=(8,))
     by_epochs = otflow.fit(x, epochs=1.0, batch_size=100, max_iters=50, eval_every=10, **small)
     n_train = 300 - 20
     assert by_epochs.fit_info["iterations"] == math.ceil(n_train / 100)
@@ -349,7 +349,7 @@ def test_stopping_by_epochs_time_and_patience():
 
 def test_each_option_acts():
     x = np.random.default_rng(1).normal(size=(200, 2))
-    base = dict(quiet=True, method="rk4", steps=2, max_iters=4, eval_every=4, val_points=20, hidden=(8,))
+    base = dict(objective="rnode", quiet=True, method="rk4", steps=2, max_iters=4, eval_every=4, val_points=20, hidden=(8,))
     reference = otflow.fit(x, **base)
     b = reference.backend
 

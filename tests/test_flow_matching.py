@@ -69,6 +69,31 @@ def test_loss_maps_path_time_to_blocks_and_targets(autodiff_backend):
     assert np.isnan(b.to_numpy(aux["nll"]))
 
 
+def test_time_power_draws_path_times_toward_the_data(autodiff_backend):
+    """time_power=p: row i sits at path time s_i = u_i**p (u_i the uniform draw of the key),
+    at the point (1 - s_i) x_i + s_i z_i; the velocity the field sees and the loss follow."""
+    b = autodiff_backend
+    f64 = b.namespace().float64
+    T, batch, power = 0.5, 64, 2.5
+    rng = np.random.default_rng(7)
+    x, z = rng.normal(size=(batch, 2)), rng.normal(size=(batch, 2))
+    pairs = b.asarray(np.stack([x, z], axis=1), dtype=f64)
+    key = b.key(5)
+    point_field = FunctionField(lambda params, t, y: y, initial_params=None, event_shape=(2,))  # v = ψ(s)
+    loss, aux = FlowMatchingLoss([point_field], T, b, time_power=power)({"fields": (None,)}, pairs, key)
+    s = b.to_numpy(b.uniform(key, (batch,), dtype=f64))[:, None] ** power
+    velocity = (1 - s) * x + s * z
+    assert float(b.to_numpy(loss)) == pytest.approx(np.mean((velocity - (z - x) / T) ** 2), rel=1e-10)
+    assert float(b.to_numpy(aux["kinetic"])) == pytest.approx(T * 0.5 * np.mean(velocity ** 2), rel=1e-10)
+    assert np.median(s) < 0.5 ** power * 1.5  # most rows near the data end
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True, "2"])
+def test_time_power_must_be_finite_and_positive(bad):
+    with pytest.raises(ValueError, match="time_power must be a finite positive number"):
+        FlowMatchingLoss([_time_field(0.0)], 1.0, get_backend("numpy"), time_power=bad)
+
+
 @pytest.mark.parametrize("conditioning", ["concatsquash", "concat"])
 def test_mlp_row_times_equal_row_by_row_calls(autodiff_backend, conditioning):
     """An MLP takes a column of times directly; the result equals calling it row by row."""
@@ -133,7 +158,9 @@ def test_warm_start_refuses_another_architecture():
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"coupling": "ot"}, "coupling='ot' pairs data and noise for objective='flow-matching'"),
+    ({"objective": "rnode", "coupling": "ot"}, "coupling='ot' pairs data and noise for flow matching; the 'rnode'"),
+    ({"coupling": "ot", "learn_T": True}, "with learn_T=True objective='auto' trains with RNODE alone"),
+    ({"objective": "flow-matching+rnode", "learn_T": True}, r"learn_T=True does not apply to objective='flow-matching\+rnode'"),
     ({"objective": "flow-matching", "coupling": "sinkhorn"}, "coupling"),
     ({"objective": "flow-matching", "learn_T": True}, "learn_T=True does not apply"),
     ({"objective": "flow-matching", "lambda_kinetic": 0.1}, "lambda_kinetic.*flow-matching"),

@@ -48,7 +48,7 @@ TRAIN_BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(not ok, reason=f"{n} 
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 
 #: a fit that takes well under a second per backend (after JAX's one compile)
-TINY = dict(hidden=(8,), method="euler", steps=1, n_train=400, batch_size=32, val_fraction=0.0, quiet=True,
+TINY = dict(objective="rnode", hidden=(8,), method="euler", steps=1, n_train=400, batch_size=32, val_fraction=0.0, quiet=True,
             lr=1e-2)
 GOOD = np.random.default_rng(0).normal(size=(200, 2))
 DOCUMENTED = (otflow.OtflowError, ValueError, TypeError)
@@ -276,7 +276,7 @@ def test_cli_reports_errors_with_exit_codes(tmp_path, capsys):
     assert "is not a file" in capsys.readouterr().err
     if HAS_TORCH:
         with pytest.warns(RuntimeWarning, match="skipped"):
-            rc = main(["fit", "moons", "--backend", "torch", "--lr", "1e8", "--max-failures", "2", "--quiet",
+            rc = main(["fit", "moons", "--backend", "torch", "--objective", "rnode", "--lr", "1e8", "--max-failures", "2", "--quiet",
                        "--method", "euler", "--steps", "1", "--set", "hidden=[8]", "--set", "n_train=300",
                        "--set", "val_fraction=0", "--out", str(tmp_path / "m.safetensors")])
         assert rc == 1 and "training failed: 2 consecutive iterations failed" in capsys.readouterr().err
@@ -418,7 +418,7 @@ def test_failed_training_solves_on_jax():
 
 #: the command line of the issue (plus --backend); no validation split (evaluation is the slow part on
 #: torch, and the restoring of the best parameters on resume is covered by test_fit.py's resume test)
-CLI_FIT = ["fit", "checkerboard", "--max-iters", "60", "--checkpoint-every", "5", "--method", "rk4", "--steps", "2",
+CLI_FIT = ["fit", "checkerboard", "--objective", "rnode", "--max-iters", "60", "--checkpoint-every", "5", "--method", "rk4", "--steps", "2",
            "--set", "hidden=[16]", "--set", "n_train=2000", "--set", "val_fraction=0", "--quiet"]
 
 

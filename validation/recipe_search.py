@@ -53,8 +53,13 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="")
     p.add_argument("--save", default=None, help="save the first run's flow here")
     p.add_argument("--start", default=None, help="skip the first run: fine-tune this saved flow")
+    p.add_argument("--fm-time-power", type=float, default=None,
+                   help="flow matching's path times s = u**P: the recipe's flow_matching_time_power (the name "
+                        "the session-2 log lines use)")
     a = p.parse_args(argv)
     recipe = _options(a.recipe)
+    if a.fm_time_power is not None:
+        recipe["flow_matching_time_power"] = a.fm_time_power
     recipe.setdefault("max_time", a.budget)
     start = time.perf_counter()
     if a.start:

@@ -47,10 +47,10 @@ from otflow import datasets
 
 #: the recipes compared, as fit options on top of the common ones
 RECIPES = {
-    "vanilla": dict(lambda_kinetic=0.0, lambda_jacobian=0.0, method="dopri5"),
-    "rnode": dict(lambda_kinetic=0.01, lambda_jacobian=0.01, method="dopri5"),
-    "rnode-rk4": dict(lambda_kinetic=0.01, lambda_jacobian=0.01, method="rk4", steps=4),
-    "vanilla-rk4": dict(lambda_kinetic=0.0, lambda_jacobian=0.0, method="rk4", steps=4),
+    "vanilla": dict(objective="rnode", lambda_kinetic=0.0, lambda_jacobian=0.0, method="dopri5"),
+    "rnode": dict(objective="rnode", lambda_kinetic=0.01, lambda_jacobian=0.01, method="dopri5"),
+    "rnode-rk4": dict(objective="rnode", lambda_kinetic=0.01, lambda_jacobian=0.01, method="rk4", steps=4),
+    "vanilla-rk4": dict(objective="rnode", lambda_kinetic=0.0, lambda_jacobian=0.0, method="rk4", steps=4),
     "flow-matching": dict(objective="flow-matching", coupling="ot", eval_every=500),
     "fm+rnode": dict(objective="flow-matching", coupling="independent", eval_every=500),
 }

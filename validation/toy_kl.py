@@ -2,8 +2,8 @@
 
     python -m validation.toy_kl [--backends torch jax] [--data checkerboard 8gaussians] [--iters 2000]
 
-For each backend and data set: ``otflow.fit`` with the defaults (RNODE recipe,
-Dormand–Prince 1e-5 training) and the given iterations, then the test NLL on fresh
+For each backend and data set: ``otflow.fit`` with the defaults (``objective="auto"``: flow
+matching, then RNODE fine-tuning for ``--iters`` iterations), then the test NLL on fresh
 points with the exact trace and Dormand–Prince 1e-5, minus the true entropy, with its
 standard error, and the wall time. Writes ``validation/out/toy_kl.json``.
 """

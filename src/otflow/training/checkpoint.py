@@ -88,7 +88,8 @@ def read_resume(path, given: dict) -> tuple[FitOptions, ResumePoint]:
         raise ValueError(f"{path!r} is a saved flow, not a training checkpoint; resume= needs the "
                          "file written by fit(checkpoint=...). To fine-tune a saved flow, start a new run.")
     try:
-        saved = FitOptions.from_header(header["options"])
+        # a checkpoint from before objective= existed trained RNODE
+        saved = FitOptions.from_header({"objective": "rnode", **header["options"]})
         header["state"], header["rng"]  # noqa: B018 - presence check
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"{path!r}: the checkpoint's header is incomplete or from an "
@@ -103,22 +104,26 @@ def read_resume(path, given: dict) -> tuple[FitOptions, ResumePoint]:
     return opts, ResumePoint(path, arrays, header)
 
 
-def restore(point: ResumePoint, trainer, template: dict) -> tuple[TrainingState, np.random.Generator]:
+def restore(point: ResumePoint, trainer, template: dict, *, optimizer: bool = True
+            ) -> tuple[TrainingState, np.random.Generator]:
     """Install a checkpoint's parameters and optimizer state in ``trainer``.
 
     :param point: the checkpoint.
     :param trainer: the run's :class:`~otflow.training.Trainer`, freshly made.
     :param template: the initial parameter tree (the layout to fill).
+    :param optimizer: whether to install the optimizer state too (False: the checkpoint
+        ends an earlier stage of the run, whose optimizer the next stage does not continue).
     :returns: the run's state and its random generator, as they were when the checkpoint was written.
     :raises ModelFileError: arrays that do not fit the model or the optimizer.
     """
     arrays = point.arrays
     trainer.set_params(fill_tree(template, arrays, "train", np.asarray))
-    try:
-        trainer.load_optimizer_state({k[len("opt."):]: v for k, v in arrays.items() if k.startswith("opt.")})
-    except (KeyError, IndexError, ValueError, RuntimeError) as e:
-        raise ModelFileError(f"the checkpoint's optimizer state does not fit this optimizer ({e}); it was written "
-                             "by another otflow version or for other options") from None
+    if optimizer:
+        try:
+            trainer.load_optimizer_state({k[len("opt."):]: v for k, v in arrays.items() if k.startswith("opt.")})
+        except (KeyError, IndexError, ValueError, RuntimeError) as e:
+            raise ModelFileError(f"the checkpoint's optimizer state does not fit this optimizer ({e}); it was "
+                                 "written by another otflow version or for other options") from None
     known = set(TrainingState.counter_names())
     counters = {k: (float(v) if isinstance(v, str) else v) for k, v in point.header["state"].items() if k in known}
     state = TrainingState(**counters, history=list(point.header.get("history", [])))
@@ -161,13 +166,16 @@ class CheckpointWriter:
         """Whether a periodic checkpoint is written after ``iteration`` iterations."""
         return self.path is not None and iteration % self.every == 0
 
-    def write(self, state: TrainingState, trainer, flow_header: dict, rng: np.random.Generator) -> None:
+    def write(self, state: TrainingState, trainer, flow_header: dict, rng: np.random.Generator, *,
+              stage: str | None = None) -> None:
         """Write the run's state unless the file already holds this iteration (or no path is set).
 
         :param state: the run's state.
         :param trainer: the run's trainer (current parameters, optimizer state).
         :param flow_header: the description of the current flow (``Flow.header()``).
         :param rng: the run's random generator.
+        :param stage: the objective of the stage whose optimizer state the trainer holds
+            (recorded, so a resumed run knows whether to continue that optimizer).
         """
         if self.path is None or self.iteration_on_disk == state.iteration:
             return
@@ -184,6 +192,8 @@ class CheckpointWriter:
         arrays.update({f"opt.{k}": v for k, v in trainer.optimizer_state().items()})
         header = {"kind": "checkpoint", "flow": flow_header, "options": self.options, "state": state.counters(),
                   "history": state.history, "rng": rng.bit_generator.state, "data_digest": self.digest}
+        if stage is not None:
+            header["stage"] = stage
         write_file(self.path, arrays, jsonable(header))
         self.iteration_on_disk = state.iteration
 

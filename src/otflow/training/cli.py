@@ -38,7 +38,8 @@ _FIT_FLAGS = {
     "rtol": float, "atol": float, "n_blocks": int, "eval_every": int, "checkpoint": str, "checkpoint_every": int,
     "history": str, "n_train": int, "T": float, "patience": int, "epochs": float, "max_steps": int,
     "max_failures": int, "lr_backoff": float, "n_scales": int, "blocks_per_scale": int, "logit_alpha": float,
-    "objective": str, "coupling": str,
+    "objective": str, "coupling": str, "flow_matching_iters": int, "flow_matching_lr": float,
+    "flow_matching_batch_size": int, "flow_matching_time_power": float,
 }
 
 

@@ -53,7 +53,8 @@ class CNFDensity(DensityMixin, BaseEstimator):
     ``GaussianMixture``.
 
     Every argument is stored unmodified and validated when :meth:`fit` runs (scikit-learn's
-    convention); the defaults are :class:`~otflow.FitOptions`'. :func:`otflow.fit` standardizes
+    convention); the defaults are :class:`~otflow.FitOptions`' for ``objective="rnode"``, the
+    objective the estimator trains unless ``fit_options`` names another. :func:`otflow.fit` standardizes
     the data itself, so the density is that of the rows as given.
 
     :param backend: ``"torch"`` or ``"jax"``; None: torch if installed, else jax.
@@ -118,7 +119,9 @@ class CNFDensity(DensityMixin, BaseEstimator):
         :raises TrainingFailed: when training fails repeatedly (:class:`~otflow.FitOptions`' policy).
         """
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
-        options = dict(self._extra_options(), hidden=self.hidden, lambda_kinetic=self.lambda_kinetic,
+        # an RNODE estimator: its arguments are the RNODE objective's; fit_options={"objective": ...}
+        # picks another (e.g. "flow-matching+rnode", whose RNODE stage they then describe)
+        options = dict({"objective": "rnode"}, **self._extra_options(), hidden=self.hidden, lambda_kinetic=self.lambda_kinetic,
                        lambda_jacobian=self.lambda_jacobian, method=self.method, max_iters=self.max_iters,
                        max_time=self.max_time, batch_size=self.batch_size, lr=self.lr, seed=self._seed(),
                        quiet=not self.verbose)

@@ -97,16 +97,22 @@ class Validation:
         images, or None (``val_fraction=0``: nothing is evaluated).
     :param eval_every: the cadence, in iterations.
     :param patience: evaluations without improvement before stopping, or None.
+    :param start: the iteration the cadence counts from (a run's later stage starts there).
+    :param end: an iteration evaluated off the cadence too (the end of a run's earlier
+        stage), or None.
     """
 
-    def __init__(self, rows: np.ndarray | None, eval_every: int, patience: int | None):
+    def __init__(self, rows: np.ndarray | None, eval_every: int, patience: int | None, *, start: int = 0,
+                 end: int | None = None):
         self.rows = rows
         self.eval_every = eval_every
         self.patience = patience
+        self.start = start
+        self.end = end
 
     def is_due(self, iteration: int) -> bool:
         """Whether the run evaluates after ``iteration`` iterations."""
-        return self.rows is not None and iteration % self.eval_every == 0
+        return self.rows is not None and (iteration == self.end or (iteration - self.start) % self.eval_every == 0)
 
     def evaluate(self, state, flow: Flow, params_on_host, record: dict) -> None:
         """Validate the current parameters; keep them in ``state`` when they are the best yet.

@@ -33,6 +33,7 @@ paths, cheaper solves at evaluation.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -127,7 +128,8 @@ class FlowMatchingBatches:
 
 class FlowMatchingLoss:
     """``loss(params, pairs, key) -> (loss, aux)``: the conditional flow-matching loss of a
-    batch of pairs (:class:`FlowMatchingBatches`), the path time drawn uniformly from ``key``.
+    batch of pairs (:class:`FlowMatchingBatches`), the path time drawn from ``key`` (uniformly
+    unless ``time_power`` says otherwise).
 
     ``aux`` has the keys the training loop records: ``nll`` is NaN (no likelihood is computed
     in simulation-free training; validation computes the exact one), ``kinetic`` is
@@ -141,13 +143,28 @@ class FlowMatchingLoss:
     :param backend: the backend the loss runs on.
     :param row_draw: wraps the path-time draw (data-parallel runs: this process's rows of the
         global batch's draw); None: as it is.
+    :param time_power: the path time is ``s = u**time_power`` with ``u ~ U[0, 1]``: 1 (the
+        default) samples ``s`` uniformly; a power above 1 puts more of the batch near the data
+        end ``s = 0``, where a density's sharp edges are resolved (density
+        ``s**(1/p − 1)/p``; half the rows fall below ``s = 0.5**p``). Every time keeps a
+        positive density, so the loss's minimizer, the marginal velocity field, is the same;
+        only the share of the training effort per time changes. On the 2-D checkerboard
+        (128×3 swish field, 30 000 iterations of batch 512, two seeds) ``time_power=2``
+        lowered the KL gap from 0.132 / 0.127 to 0.115 / 0.118 nats; ``3`` gained nothing
+        (log in ``benchmarks/results-2026-11-29-recipe.txt``).
+    :raises ValueError: a ``time_power`` that is not a finite positive number.
     """
 
-    def __init__(self, fields, T: float, backend, *, row_draw=None):
+    def __init__(self, fields, T: float, backend, *, row_draw=None, time_power: float = 1.0):
         self.fields = list(fields)
         self.T = float(T)
         self.backend = backend
         self.draw_times = row_draw(backend.uniform) if row_draw is not None else backend.uniform
+        if isinstance(time_power, bool) or not isinstance(time_power, numbers.Real) or \
+                not math.isfinite(time_power) or time_power <= 0:
+            raise ValueError(f"time_power must be a finite positive number (1 samples the path time uniformly, "
+                             f"2 weights it toward the data), got {time_power!r}")
+        self.time_power = float(time_power)
 
     def __call__(self, params, pairs, key):
         b = self.backend
@@ -159,6 +176,8 @@ class FlowMatchingLoss:
         batch, n = x.shape[0], len(self.fields)
         row_shape = (batch,) + (1,) * (x.ndim - 1)
         s = xp.reshape(self.draw_times(key, (batch,), dtype=x.dtype, device=b.device_of(x)), row_shape)
+        if self.time_power != 1.0:
+            s = s ** self.time_power
         point = (1.0 - s) * x + s * z
         target = (z - x) / (n * self.T)
         block = xp.clip(xp.floor(s * n), 0.0, float(n - 1))

@@ -38,14 +38,14 @@ def resolve_image_options(opts):
     explicitly (:attr:`~otflow.FitOptions.given`), after refusing those that make no sense
     for images.
 
-    :param opts: the run's :class:`~otflow.FitOptions`.
+    :param opts: the run's :class:`~otflow.FitOptions` (``objective="auto"`` is ``"rnode"``).
     :returns: the resolved options (what the checkpoint header records).
-    :raises ValueError: ``standardize=True`` (pixels are dequantized and logit-transformed,
+    :raises ValueError: an objective other than RNODE's, ``standardize=True`` (pixels are dequantized and logit-transformed,
         never standardized) or ``n_blocks`` other than 1 (image models count
         ``blocks_per_scale``).
     """
     given = opts.given
-    if opts.objective != "rnode":
+    if opts.objective not in ("rnode", "auto"):
         raise ValueError(f"objective={opts.objective!r} is not available for image data; image models train "
                          "with the RNODE objective (objective='rnode')")
     if opts.standardize and "standardize" in given:
@@ -55,7 +55,7 @@ def resolve_image_options(opts):
         raise ValueError(f"n_blocks={opts.n_blocks} does not apply to image data: the multiscale model has "
                          "blocks_per_scale CNF blocks before and after each squeeze (n_scales scales); "
                          "set blocks_per_scale instead")
-    return opts.resolved(**{k: v for k, v in IMAGE_DEFAULTS.items() if k not in given})
+    return opts.resolved(objective="rnode", **{k: v for k, v in IMAGE_DEFAULTS.items() if k not in given})
 
 
 def with_eval_estimator(opts, data):

@@ -34,6 +34,7 @@ from .model import FlowBuilder, build_model
 from .options import FitOptions, load_config, refuse_unused_options
 from .progress import RunLog
 from .signals import StopSignals
+from .stages import Stage, plan_stages, resolve_objective, stage_of
 from .trainer import make_trainer
 from .warm_start import check_checkpoint_context, in_checkpoint_coordinates, in_flow_coordinates, init_flow
 
@@ -97,12 +98,17 @@ def fit(data, *, context=None, backend=None, device=None, config=None, resume=No
                          "parameters already hold the warm start): pass one of them")
     source = read_data(data)  # before the backend: bad data never waits for a framework import
     contexts = validate_context(context, source) if context is not None else None
+    if start is None:
+        opts = resolve_objective(opts, images=source.images is not None, warm_start=init is not None)
+        refuse_unused_options(opts, opts.given)
     if source.images is not None:
         opts = resolve_image_options(opts)  # RNODE's image recipe for every option not given
     warm = init_flow(init) if init is not None else None
     b = _training_backend(backend, source)
     replicas = resolve_replicas(b, opts.devices, device)
     check_batch_split(replicas, opts.batch_size)
+    if opts.objective == "flow-matching+rnode":
+        check_batch_split(replicas, opts.flow_matching_batch_size)
     dev = replicas.device(b, device)
     dtype = getattr(b.namespace(), opts.dtype)
     b.check_dtype(dtype)
@@ -122,15 +128,33 @@ def fit(data, *, context=None, backend=None, device=None, config=None, resume=No
     resumed_at = None if start is None else start.header["state"].get("iteration")
     replicas.same_everywhere(options_digest(opts, train_data.digest, resumed_at), "options, data or resume point")
 
-    model = build_model(opts, train_data, b, dtype, dev, init=warm, row_draw=replicas.row_draw)
-    trainer = make_trainer(model.loss, model.params, opts.optimizer_spec(), backend=b, data_parallel=replicas)
+    stages = plan_stages(opts, _planned_iterations(opts, train_data.n_train))
+    first = stage_of(stages, resumed_at or 0)
     state = TrainingState()
-    if start is not None:
-        state, rng = restore(start, trainer, model.params)
-    checkpoints = CheckpointWriter(opts, b, train_data.digest, start, state.iteration, writes=replicas.is_main)
-    run = _Run(opts, b, dtype, dev, train_data, rng, trainer, model.flows, state, checkpoints, replicas,
-               batches=model.batches)
-    return run.train(_planned_iterations(opts, train_data.n_train))
+    checkpoints = CheckpointWriter(opts, b, train_data.digest, start, resumed_at or 0, writes=replicas.is_main)
+    carried = None  # the parameters one stage hands to the next (numpy arrays)
+    for k in range(first, len(stages)):
+        stage = stages[k]
+        model = build_model(stage.options, train_data, b, dtype, dev, init=warm if k == first else None,
+                            row_draw=replicas.row_draw)
+        trainer = make_trainer(model.loss, model.params, stage.options.optimizer_spec(), backend=b,
+                               data_parallel=replicas)
+        if carried is not None:
+            trainer.set_params(carried)
+        elif start is not None:
+            # a checkpoint written at the end of an earlier stage holds that stage's optimizer
+            # state: the next stage starts its own, as an uninterrupted run does
+            state, rng = restore(start, trainer, model.params,
+                                 optimizer=start.header.get("stage", stage.objective) == stage.objective)
+        if k > 0 and state.iteration == stage.start:
+            state.evals_without_improvement = 0  # patience counts the last stage's evaluations only
+        run = _Run(opts, b, dtype, dev, train_data, rng, trainer, model.flows, state, checkpoints, replicas,
+                   batches=model.batches, stages=stages, stage_index=k)
+        flow = run.train(stage.end)
+        if state.iteration < stage.end or run.interrupted:  # a stop signal, max_time (or patience) ended the run
+            break
+        carried = run.params_on_host()
+    return flow
 
 
 def _resolve_options(options: dict, config, resume) -> tuple[FitOptions, ResumePoint | None]:
@@ -141,7 +165,8 @@ def _resolve_options(options: dict, config, resume) -> tuple[FitOptions, ResumeP
     if resume is not None:
         return read_resume(resume, given)
     opts = FitOptions.from_mapping(given)
-    refuse_unused_options(opts, given)
+    if opts.objective != "auto":  # before the data are read; "auto" is checked once resolved
+        refuse_unused_options(opts, given)
     return opts, None
 
 
@@ -173,15 +198,23 @@ class _Run:
 
     def __init__(self, opts: FitOptions, backend, dtype, device, data: TrainingData, rng: np.random.Generator,
                  trainer, flows: FlowBuilder, state: TrainingState, checkpoints: CheckpointWriter,
-                 replicas: Replicas | None = None, *, batches=sample_batch):
+                 replicas: Replicas | None = None, *, batches=sample_batch, stages: list[Stage] | None = None,
+                 stage_index: int = 0):
         self.opts, self.backend, self.dtype, self.device = opts, backend, dtype, device
+        # the stage this loop trains (one objective, its schedule and cadences) among the
+        # run's; a one-objective run is one stage
+        self.stages = stages if stages is not None else plan_stages(opts, opts.max_iters)
+        self.stage = self.stages[stage_index]
         self.replicas = replicas if replicas is not None else Replicas()
         self.batches = batches  # (data, rng, batch_size, backend, dtype, device[, part=]) -> batch
         self.data, self.rng, self.trainer, self.flows = data, rng, trainer, flows
         self.state, self.checkpoints = state, checkpoints
-        self.validation = Validation(data.val, opts.eval_every, opts.patience)
+        last = stage_index == len(self.stages) - 1
+        # an earlier stage is validated at its end as on its cadence (the next stage starts
+        # from it); the last one ends as a one-stage run does (Validation.final)
+        self.validation = Validation(data.val, self.stage.eval_every, opts.patience if last else None,
+                                     start=self.stage.start, end=None if last else self.stage.end)
         self.conditional = data.context_dim > 0
-        self.schedule = opts.optimizer_spec()
         self.stop = StopSignals()
         self.last_record: dict | None = None
         self.best = None  # (NLL, iteration, parameters) counting an end-of-run evaluation
@@ -192,7 +225,7 @@ class _Run:
         started = time.perf_counter() - state.elapsed
         main = self.replicas.is_main  # only the main process writes the history and shows the bar
         with self.stop, RunLog(self.opts.history if main else None, self.opts.quiet or not main,
-                               list(state.history), max_iters) as log:
+                               list(state.history), max_iters, what=self.stage.objective) as log:
             stopping = state.iteration >= max_iters or self._asked_to_stop(started)
             while not stopping:
                 record, status = self._step()
@@ -205,10 +238,13 @@ class _Run:
                 # last iteration, as one that max_iters ends (else fit would return
                 # parameters up to eval_every iterations old); a stop signal is not
                 # (the user asked to stop now)
-                stopping = state.iteration >= max_iters or self._asked_to_stop(started)
+                # the signals first: one received during a stage's last iteration ends the run too
+                stopping = self._asked_to_stop(started) or state.iteration >= max_iters
                 self._validate(record, final=stopping and self.stop.received is None)
+                record["elapsed"] = time.perf_counter() - started  # the run's wall time, validation included
                 log.write(record)
-                if self.checkpoints.is_due(state.iteration):
+                if self.checkpoints.path is not None and self.stage.is_due(state.iteration,
+                                                                           self.stage.checkpoint_every):
                     self._write_checkpoint()
                 if self._out_of_patience():
                     break
@@ -243,20 +279,21 @@ class _Run:
         (a backend scalar, read only when the step failed)."""
         b, it = self.backend, self.state.iteration
         t0 = time.perf_counter()  # the iteration's time includes drawing (and coupling) its batch
-        part = self.replicas.rows(self.opts.batch_size)
+        batch_size = self.stage.options.batch_size
+        part = self.replicas.rows(batch_size)
         if part is None:
-            x = self.batches(self.data, self.rng, self.opts.batch_size, b, self.dtype, self.device)
+            x = self.batches(self.data, self.rng, batch_size, b, self.dtype, self.device)
         else:
-            x = self.batches(self.data, self.rng, self.opts.batch_size, b, self.dtype, self.device, part=part)
+            x = self.batches(self.data, self.rng, batch_size, b, self.dtype, self.device, part=part)
         x = self.replicas.place_batch(x)
         key = b.key(_iteration_seed(self.opts.seed, it))
-        lr = self.schedule.learning_rate(it) * backoff_factor(self.opts, self.state)
+        lr = self.stage.learning_rate(it) * backoff_factor(self.opts, self.state)
         m = self.trainer.step(x, key, lr)
         return {"it": it, "loss": float(b.to_numpy(m["loss"])), "nll": float(b.to_numpy(m["nll"])),
                 "kinetic": float(b.to_numpy(m["kinetic"])), "jacobian": float(b.to_numpy(m["jacobian"])),
                 "nfe_forward": int(b.to_numpy(m["nfe"])), "nfe_backward": None, "lr": lr,
                 "grad_norm": float(b.to_numpy(m["grad_norm"])), "applied": bool(m["applied"]),
-                "sec": time.perf_counter() - t0}, m["status"]
+                "objective": self.stage.objective, "sec": time.perf_counter() - t0}, m["status"]
 
     def _apply_failure_policy(self, record: dict, status, log: RunLog) -> None:
         count_outcome(self.opts, self.state, record["applied"])
@@ -286,6 +323,15 @@ class _Run:
         """The trainer's parameters on the run's device (a mesh's replicated arrays, gathered)."""
         return self.replicas.on_device(self.trainer.params, self.device)
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether a stop signal (SIGINT, SIGTERM) ended the loop."""
+        return self.stop.received is not None
+
+    def params_on_host(self) -> dict:
+        """The trainer's current parameters as numpy arrays (what the next stage starts from)."""
+        return self._params_on_host()
+
     def _params_on_host(self) -> dict:
         b = self.backend
         return b.tree_map(lambda a: b.to_numpy(a).copy(), self.trainer.params)
@@ -293,7 +339,7 @@ class _Run:
     def _write_checkpoint(self) -> None:
         if self.checkpoints.path is not None:
             self.checkpoints.write(self.state, self.trainer, self.flows.flow(self._params()).header(),
-                                   self.rng)
+                                   self.rng, stage=self.stage.objective)
 
     # ---- the result ----------------------------------------------------------------------
     def _result(self) -> Flow:
@@ -304,6 +350,7 @@ class _Run:
                 "skipped_iterations": state.skipped, "seconds": state.elapsed, "backend": self.backend.name,
                 "options": dataclasses.asdict(self.opts), "last": self.last_record,
                 "interrupted": self.stop.received is not None, "data_parallel": self.replicas.describe(),
+                "stages": [{"objective": s.objective, "start": s.start, "end": s.end} for s in self.stages],
                 "checkpoint": self.opts.checkpoint if self.checkpoints.iteration_on_disk >= 0 else None}
         params = best_params if best_params is not None else self._params()
         return self.flows.flow(params, history=state.history, fit_info=info)

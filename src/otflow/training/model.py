@@ -63,7 +63,8 @@ def build_model(opts, data, backend, dtype, device, *, init=None, row_draw=None)
         params = initial_params(fields, opts, backend, dtype, device)
     flows = FlowBuilder(fields, params, opts, data, backend, device)
     if opts.objective == "flow-matching":
-        return TrainingModel(fields, params, FlowMatchingLoss(fields, opts.T, backend, row_draw=row_draw), flows,
+        loss = FlowMatchingLoss(fields, opts.T, backend, row_draw=row_draw, time_power=opts.flow_matching_time_power)
+        return TrainingModel(fields, params, loss, flows,
                              FlowMatchingBatches(opts.coupling, conditional=data.context_dim > 0))
     return TrainingModel(fields, params, RNODETrainingLoss(fields, opts, backend, row_draw=row_draw), flows)
 

@@ -27,8 +27,10 @@ __all__ = ["FitOptions", "load_config", "refuse_unused_options", "OBJECTIVES", "
 
 #: training solvers, as the ODE layer names them
 METHODS = tuple(SOLVERS)
-#: training objectives: RNODE's maximum likelihood with its penalties, or conditional flow matching
-OBJECTIVES = ("rnode", "flow-matching")
+#: training objectives: RNODE's maximum likelihood with its penalties, conditional flow matching,
+#: the two in sequence, or ``"auto"`` (the two stages for vector data, RNODE for images and warm
+#: starts: :func:`otflow.training.stages.resolve_objective`)
+OBJECTIVES = ("auto", "rnode", "flow-matching", "flow-matching+rnode")
 #: floating dtypes a run can train in
 DTYPES = ("float32", "float64")
 #: options that fix the layout of the parameters and the optimizer state: a resumed run keeps them
@@ -38,11 +40,11 @@ STRUCTURAL_OPTIONS = ("hidden", "activation", "conditioning", "n_blocks", "learn
 
 @dataclass(frozen=True)
 class FitOptions:
-    """Every option of :func:`otflow.fit`, validated. Defaults follow the RNODE recipe of
-    Finlay et al., "How to train your neural ODE" (ICML 2020): λ_K = λ_J = 0.01, T = 1, a
-    Gaussian Hutchinson probe (see the user guide for why Dormand–Prince trains by default,
-    and for the measured faster recipes on low-dimensional data: fixed-step RK4 at short
-    budgets, flow matching with ``activation="swish"``, ``conditioning="concat"``).
+    """Every option of :func:`otflow.fit`, validated. The RNODE objective's defaults follow
+    the recipe of Finlay et al., "How to train your neural ODE" (ICML 2020): λ_K = λ_J =
+    0.01, T = 1, a Gaussian Hutchinson probe (see the user guide for why Dormand–Prince
+    trains RNODE alone by default); the default objective on vector data trains flow
+    matching first, then fine-tunes with RNODE (below).
 
     Failure policy (``docs/troubleshooting.md``): an iteration whose loss or gradient is
     not finite, or whose training solve fails (``max_steps`` reached, step-size
@@ -54,13 +56,22 @@ class FitOptions:
     ``lr_recovery`` (default 10) good iterations. After ``max_failures`` consecutive
     skipped iterations :class:`~otflow.TrainingFailed` is raised, naming the last checkpoint.
 
-    Objective: ``"rnode"`` (default) maximizes the likelihood with the kinetic and Jacobian
-    penalties; ``"flow-matching"`` trains the same fields simulation-free with the
-    conditional flow-matching loss (:mod:`otflow.training.flow_matching`), ``coupling``
-    ``"independent"`` (its default) or ``"ot"`` (exact mini-batch optimal transport); the
-    training solver, probe and λ's then play no part (validation still computes the
-    exact likelihood with the evaluation solver). Fine-tune the result with
-    ``fit(..., init=flow)`` and the RNODE objective.
+    Objective: ``"auto"`` (default) is ``"flow-matching+rnode"`` for vector data and
+    ``"rnode"`` for image data, for ``init=`` warm starts and with ``learn_T=True``
+    (:func:`~otflow.training.stages.resolve_objective`). ``"rnode"`` maximizes the
+    likelihood with the kinetic and Jacobian penalties; ``"flow-matching"`` trains the
+    same fields simulation-free with the conditional flow-matching loss
+    (:mod:`otflow.training.flow_matching`), ``coupling`` ``"independent"`` (its default) or
+    ``"ot"`` (exact mini-batch optimal transport); the training solver, probe and λ's then
+    play no part (validation still computes the exact likelihood with the evaluation
+    solver). ``"flow-matching+rnode"`` runs both in one call (:mod:`otflow.training.stages`):
+    ``flow_matching_iters`` iterations of flow matching (batches of
+    ``flow_matching_batch_size``, learning rate ``flow_matching_lr`` with cosine decay), then ``max_iters`` RNODE iterations from its
+    solution; every option not given then follows the measured two-stage recipe
+    (:data:`~otflow.training.stages.TWO_STAGE_DEFAULTS`: widths 128, 128, 128, swish, time
+    concatenated, flow-matching path times ``s = u²`` (``flow_matching_time_power``), then
+    RK4 × 8, lr 1e-3 with cosine decay, 600 RNODE iterations), which the checkpoint header
+    and ``fit_info["options"]`` record.
 
     Image data (uint8 arrays ``(N, H, W)``/``(N, C, H, W)``, image files, ``"digits"``) train
     FFJORD's multiscale model (``n_scales``: None is ODENVP's count; ``blocks_per_scale``
@@ -95,8 +106,12 @@ class FitOptions:
     T: float = 1.0
     learn_T: bool = False
     # objective
-    objective: str = "rnode"
+    objective: str = "auto"
     coupling: str | None = None
+    flow_matching_iters: int = 45_000
+    flow_matching_lr: float = 3e-3
+    flow_matching_batch_size: int = 2048
+    flow_matching_time_power: float = 1.0
     lambda_kinetic: float = 0.01
     lambda_jacobian: float = 0.01
     probe: str = "gaussian"
@@ -151,7 +166,8 @@ class FitOptions:
         for name in ("zero_last", "learn_T", "standardize", "quiet"):
             _check_flag(self, name)
         for name in ("n_blocks", "steps", "max_steps", "batch_size", "max_iters", "n_train", "val_points",
-                     "eval_every", "checkpoint_every", "max_failures", "lr_recovery"):
+                     "eval_every", "checkpoint_every", "max_failures", "lr_recovery", "flow_matching_iters",
+                     "flow_matching_batch_size"):
             _check_int(self, name)
         _check_int(self, "warmup", minimum=0)
         _check_int(self, "seed", minimum=0, below=2 ** 63)
@@ -161,7 +177,8 @@ class FitOptions:
         _check_real(self, "logit_alpha", low_open=False, high=0.5)
         if self.eval_estimator is not None:
             _check_choice(self, "eval_estimator", ("exact", "hutchinson"))
-        for name in ("T", "rtol", "atol", "eval_rtol", "eval_atol", "lr"):
+        for name in ("T", "rtol", "atol", "eval_rtol", "eval_atol", "lr", "flow_matching_lr",
+                     "flow_matching_time_power"):
             _check_real(self, name)
         for name in ("lambda_kinetic", "lambda_jacobian", "weight_decay"):
             _check_real(self, name, low_open=False)
@@ -332,13 +349,30 @@ UNUSED_BY_FLOW_MATCHING = ("lambda_kinetic", "lambda_jacobian", "probe", "method
                            "gradient", "max_steps")
 
 
+#: options only the two-stage objective uses (its flow-matching stage)
+FLOW_MATCHING_STAGE_OPTIONS = ("flow_matching_iters", "flow_matching_lr", "flow_matching_batch_size")
+#: options of the flow-matching loss (objective "flow-matching" and the two-stage objective's first stage)
+FLOW_MATCHING_LOSS_OPTIONS = ("flow_matching_time_power",)
+
+
 def refuse_unused_options(opts: FitOptions, given) -> None:
     """Refuse options given explicitly to a new run that its objective would ignore.
 
-    :param opts: the run's options.
+    :param opts: the run's options, with ``objective="auto"`` resolved.
     :param given: the names given (keywords and config file).
     :raises ValueError: naming the options and why they do not apply.
     """
+    loss_options = [name for name in FLOW_MATCHING_LOSS_OPTIONS if name in given]
+    if loss_options and opts.objective == "rnode":
+        raise ValueError(f"{', '.join(loss_options)} describe(s) the flow-matching loss; this run trains with "
+                         "objective='rnode' (image data, init= and learn_T=True train with RNODE alone). Drop them, "
+                         "or pass objective='flow-matching' or 'flow-matching+rnode'")
+    stage_options = [name for name in FLOW_MATCHING_STAGE_OPTIONS if name in given]
+    if stage_options and opts.objective != "flow-matching+rnode":
+        raise ValueError(f"{', '.join(stage_options)} describe(s) the flow-matching stage of "
+                         f"objective='flow-matching+rnode'; this run trains with objective={opts.objective!r} "
+                         "(image data, init= and learn_T=True train with RNODE alone). Drop them, or (vector data) "
+                         "pass objective='flow-matching+rnode'; a flow-matching run takes lr, batch_size and max_iters")
     if opts.objective != "flow-matching":
         return
     unused = [name for name in UNUSED_BY_FLOW_MATCHING if name in given]
@@ -351,19 +385,25 @@ def refuse_unused_options(opts: FitOptions, given) -> None:
 
 def _check_objective(opts: FitOptions) -> None:
     _check_choice(opts, "objective", OBJECTIVES)
-    if opts.objective != "flow-matching":
+    if opts.objective == "rnode":
         if opts.coupling is not None:
-            raise ValueError(f"coupling={opts.coupling!r} pairs data and noise for objective='flow-matching'; "
-                             f"the {opts.objective!r} objective has no coupling: drop it, or pass "
-                             "objective='flow-matching'")
+            raise ValueError(f"coupling={opts.coupling!r} pairs data and noise for flow matching; the 'rnode' "
+                             "objective has no coupling: drop it, or pass objective='flow-matching' (or "
+                             "'flow-matching+rnode')")
         return
-    if opts.coupling is None:
-        _store(opts, "coupling", "independent")
-    _check_choice(opts, "coupling", COUPLINGS)
-    check_coupling_available(opts.coupling)
-    if opts.learn_T:
+    if opts.coupling is not None or opts.objective in ("flow-matching", "flow-matching+rnode"):
+        if opts.coupling is None:
+            _store(opts, "coupling", "independent")
+        _check_choice(opts, "coupling", COUPLINGS)
+        check_coupling_available(opts.coupling)
+    if opts.learn_T and opts.objective == "flow-matching":
         raise ValueError("learn_T=True does not apply to objective='flow-matching' (its loss does not depend on "
                          "T); learn T when fine-tuning with the RNODE objective (fit(..., init=flow, learn_T=True))")
+    if opts.learn_T and opts.objective == "flow-matching+rnode":
+        raise ValueError("learn_T=True does not apply to objective='flow-matching+rnode': its flow-matching stage "
+                         "cannot learn T (its loss does not depend on T) and the stages share one parameter "
+                         "layout; train with objective='flow-matching', then fine-tune with "
+                         "fit(..., init=flow, learn_T=True)")
 
 
 def _check_devices(opts: FitOptions) -> None:

@@ -20,9 +20,11 @@ class RunLog:
     :param quiet: no progress bar.
     :param earlier: the records of the iterations before this run's start (resume).
     :param total: the planned number of iterations.
+    :param what: what the bar says it trains (a stage's objective), or None.
     """
 
-    def __init__(self, history_path: str | None, quiet: bool, earlier: list, total: int):
+    def __init__(self, history_path: str | None, quiet: bool, earlier: list, total: int, *, what: str | None = None):
+        self._what = what
         self._history_path = history_path
         self._earlier = earlier
         self._total = total
@@ -42,7 +44,7 @@ class RunLog:
             except ImportError:  # pragma: no cover
                 tqdm = None
             if tqdm is not None:
-                self._bar = tqdm(total=self._total, initial=len(self._earlier), desc="otflow fit", unit="it",
+                self._bar = tqdm(total=self._total, initial=len(self._earlier), desc="otflow fit" + (f" ({self._what})" if self._what else ""), unit="it",
                                  leave=True)
         return self
 
