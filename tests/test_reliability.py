@@ -276,7 +276,7 @@ def test_cli_reports_errors_with_exit_codes(tmp_path, capsys):
     assert "is not a file" in capsys.readouterr().err
     if HAS_TORCH:
         with pytest.warns(RuntimeWarning, match="skipped"):
-            rc = main(["fit", "moons", "--backend", "torch", "--objective", "rnode", "--lr", "1e8", "--max-failures", "2", "--quiet",
+            rc = main(["fit", "moons", "--backend", "torch", "--objective", "rnode", "--lr", "1e20", "--max-failures", "2", "--quiet",
                        "--method", "euler", "--steps", "1", "--set", "hidden=[8]", "--set", "n_train=300",
                        "--set", "val_fraction=0", "--out", str(tmp_path / "m.safetensors")])
         assert rc == 1 and "training failed: 2 consecutive iterations failed" in capsys.readouterr().err
@@ -395,11 +395,13 @@ def test_failed_training_solves_follow_the_policy_and_do_not_hang():
 
 @needs_torch
 def test_a_huge_learning_rate_is_caught():
-    """The realistic fault: lr = 1e8 makes the parameters explode after one update; the next
-    losses overflow, are skipped, and the run stops cleanly."""
+    """The realistic fault: lr = 1e20 makes the parameters overflow after one update; the next
+    training solves go non-finite, are skipped, and the run stops cleanly. (At lr = 1e8 the
+    loss spikes once and the saturated field recovers: the overflow-free sigmoid keeps every
+    gradient finite, so nothing is left to catch.)"""
     with pytest.warns(RuntimeWarning, match="skipped"):
-        with pytest.raises(TrainingFailed, match="non-finite loss or gradient") as info:
-            otflow.fit("moons", backend="torch", max_failures=4, max_iters=100, **{**TINY, "lr": 1e8})
+        with pytest.raises(TrainingFailed, match="non-finite loss or gradient|NONFINITE") as info:
+            otflow.fit("moons", backend="torch", max_failures=4, max_iters=100, **{**TINY, "lr": 1e20})
     assert info.value.flow.fit_info["skipped_iterations"] == 4
 
 
