@@ -137,9 +137,10 @@ def restore(point: ResumePoint, trainer, template: dict, *, optimizer: bool = Tr
 
 
 class CheckpointWriter:
-    """Writes a run's checkpoints to ``opts.checkpoint`` and knows which iteration the file holds.
+    """Writes a run's checkpoints to ``opts.checkpoint`` and knows which iteration the file holds
+    (when to write is the stage's cadence: :meth:`otflow.training.stages.Stage.is_due`).
 
-    :param opts: the run's :class:`~otflow.FitOptions` (``checkpoint``, ``checkpoint_every``).
+    :param opts: the run's :class:`~otflow.FitOptions` (``checkpoint``).
     :param backend: the run's backend (to copy arrays to the host).
     :param digest: the data's digest.
     :param resumed_from: the checkpoint the run resumed from, if any: when it is the same
@@ -153,7 +154,6 @@ class CheckpointWriter:
                  *, writes: bool = True):
         self.path = opts.checkpoint
         self.writes = writes
-        self.every = opts.checkpoint_every
         self.options = opts.to_header()
         self.backend = backend
         self.digest = digest
@@ -161,10 +161,6 @@ class CheckpointWriter:
                      and os.path.abspath(resumed_from.path) == os.path.abspath(self.path))
         #: the iteration the file holds (-1: none written by this run, nor resumed from)
         self.iteration_on_disk = start if same_file else -1
-
-    def is_due(self, iteration: int) -> bool:
-        """Whether a periodic checkpoint is written after ``iteration`` iterations."""
-        return self.path is not None and iteration % self.every == 0
 
     def write(self, state: TrainingState, trainer, flow_header: dict, rng: np.random.Generator, *,
               stage: str | None = None) -> None:

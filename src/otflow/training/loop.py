@@ -137,7 +137,7 @@ def fit(data, *, context=None, backend=None, device=None, config=None, resume=No
         stage = stages[k]
         model = build_model(stage.options, train_data, b, dtype, dev, init=warm if k == first else None,
                             row_draw=replicas.row_draw)
-        trainer = make_trainer(model.loss, model.params, stage.options.optimizer_spec(), backend=b,
+        trainer = make_trainer(model.loss, model.params, stage.schedule, backend=b,
                                data_parallel=replicas)
         if carried is not None:
             trainer.set_params(carried)
@@ -198,13 +198,12 @@ class _Run:
 
     def __init__(self, opts: FitOptions, backend, dtype, device, data: TrainingData, rng: np.random.Generator,
                  trainer, flows: FlowBuilder, state: TrainingState, checkpoints: CheckpointWriter,
-                 replicas: Replicas | None = None, *, batches=sample_batch, stages: list[Stage] | None = None,
-                 stage_index: int = 0):
+                 replicas: Replicas | None = None, *, stages: list[Stage], stage_index: int, batches=sample_batch):
         self.opts, self.backend, self.dtype, self.device = opts, backend, dtype, device
         # the stage this loop trains (one objective, its schedule and cadences) among the
         # run's; a one-objective run is one stage
-        self.stages = stages if stages is not None else plan_stages(opts, opts.max_iters)
-        self.stage = self.stages[stage_index]
+        self.stages = stages
+        self.stage = stages[stage_index]
         self.replicas = replicas if replicas is not None else Replicas()
         self.batches = batches  # (data, rng, batch_size, backend, dtype, device[, part=]) -> batch
         self.data, self.rng, self.trainer, self.flows = data, rng, trainer, flows
@@ -308,11 +307,11 @@ class _Run:
     def _validate(self, record: dict, *, final: bool) -> None:
         if self.validation.is_due(self.state.iteration):
             flow = self._validated(self.flows.flow(self._params()))
-            self.validation.evaluate(self.state, flow, self._params_on_host, record)
+            self.validation.evaluate(self.state, flow, self.params_on_host, record)
         elif final and self.validation.rows is not None:
             self._write_checkpoint()  # before the end-of-run evaluation, which a resumed run must not see
             flow = self._validated(self.flows.flow(self._params()))
-            self.best = self.validation.final(self.state, flow, self._params_on_host, record)
+            self.best = self.validation.final(self.state, flow, self.params_on_host, record)
 
     def _validated(self, flow):
         """What validation evaluates: the flow, or a conditional flow bound to the held-out
@@ -329,10 +328,8 @@ class _Run:
         return self.stop.received is not None
 
     def params_on_host(self) -> dict:
-        """The trainer's current parameters as numpy arrays (what the next stage starts from)."""
-        return self._params_on_host()
-
-    def _params_on_host(self) -> dict:
+        """The trainer's current parameters as numpy arrays (what a validation keeps as the best,
+        and what the next stage starts from)."""
         b = self.backend
         return b.tree_map(lambda a: b.to_numpy(a).copy(), self.trainer.params)
 

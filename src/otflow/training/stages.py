@@ -51,6 +51,8 @@ class Stage:
         ``max_iters``, the stage's length, which the schedule spans).
     :ivar eval_every: the validation cadence, counted from ``start``.
     :ivar checkpoint_every: the checkpoint cadence, counted from ``start``.
+    :ivar schedule: the stage's optimizer and learning-rate schedule (``options.optimizer_spec()``,
+        made once: the training loop asks for a rate every iteration).
     """
 
     objective: str
@@ -59,10 +61,15 @@ class Stage:
     options: object
     eval_every: int
     checkpoint_every: int
+    schedule: object = None
+
+    def __post_init__(self):
+        if self.schedule is None:
+            object.__setattr__(self, "schedule", self.options.optimizer_spec())
 
     def learning_rate(self, iteration: int) -> float:
         """The schedule's learning rate at the run's ``iteration`` (before any back-off)."""
-        return self.options.optimizer_spec().learning_rate(iteration - self.start)
+        return self.schedule.learning_rate(iteration - self.start)
 
     def is_due(self, iteration: int, every: int) -> bool:
         """Whether ``iteration`` (the count after an iteration of this stage) is on a cadence of
