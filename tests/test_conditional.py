@@ -321,7 +321,9 @@ def test_conditional_flow_matching_warm_starts_an_rnode_run():
     flow (the same log-density before any step) and keeps its context standardization."""
     x, c = gaussian_data(300, 3)
     opts = dict(backend="torch", hidden=(8,), batch_size=32, quiet=True, val_fraction=0.0, dtype="float64")
-    fm = otflow.fit(x, context=c, objective="flow-matching", max_iters=3, **opts)
+    # standardized explicitly (these data are on unit scale, which "auto" leaves as they are)
+    fm = otflow.fit(x, context=c, objective="flow-matching", max_iters=3, standardize=True, **opts)
+    assert fm.context_scale is not None
     tuned = otflow.fit(x, context=c, init=fm, max_iters=1, lr=1e-12, method="rk4", steps=2, **opts)
     assert np.allclose(tuned.log_prob(x[:5], context=c[:5]), fm.log_prob(x[:5], context=c[:5]), rtol=0, atol=1e-8)
     assert np.allclose(tuned.backend.to_numpy(tuned.context_scale), fm.backend.to_numpy(fm.context_scale))

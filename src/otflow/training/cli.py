@@ -43,6 +43,17 @@ _FIT_FLAGS = {
 }
 
 
+def _standardize_flag(text: str):
+    """``--standardize auto|true|false``."""
+    value = {"auto": "auto", "true": True, "false": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
+    return value
+
+
+_FIT_FLAGS["standardize"] = _standardize_flag
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="otflow", description="RNODE continuous normalizing flows on torch and JAX.")
     sub = p.add_subparsers(dest="command", required=True)

@@ -55,7 +55,8 @@ class CNFDensity(DensityMixin, BaseEstimator):
     Every argument is stored unmodified and validated when :meth:`fit` runs (scikit-learn's
     convention); the defaults are :class:`~otflow.FitOptions`' for ``objective="rnode"``, the
     objective the estimator trains unless ``fit_options`` names another. :func:`otflow.fit` standardizes
-    the data itself, so the density is that of the rows as given.
+    data far from unit scale itself (``standardize="auto"``), so the density is always that of
+    the rows as given.
 
     :param backend: ``"torch"`` or ``"jax"``; None: torch if installed, else jax.
     :param device: ``"cpu"``, ``"cuda"``, ``"gpu"``...; None: the backend's default.

@@ -48,7 +48,7 @@ def resolve_image_options(opts):
     if opts.objective not in ("rnode", "auto"):
         raise ValueError(f"objective={opts.objective!r} is not available for image data; image models train "
                          "with the RNODE objective (objective='rnode')")
-    if opts.standardize and "standardize" in given:
+    if opts.standardize is True and "standardize" in given:
         raise ValueError("standardize=True does not apply to image data: the pixels are dequantized and "
                          "logit-transformed (logit_alpha), never standardized; drop standardize")
     if opts.n_blocks != 1:

@@ -121,6 +121,8 @@ def fit(data, *, context=None, backend=None, device=None, config=None, resume=No
     elif start is not None:
         check_checkpoint_context(start, train_data)
         train_data = in_checkpoint_coordinates(train_data, start)
+    if opts.standardize == "auto":  # resolved by the data (or the warm start's or checkpoint's flow)
+        opts = opts.resolved(standardize=train_data.shift is not None)
     if start is not None and start.header.get("data_digest", train_data.digest) != train_data.digest:
         warnings.warn(f"resume: the data differ from those the checkpoint {start.path!r} was trained on; "
                       "the run continues on the new data", UserWarning, stacklevel=2)

@@ -109,7 +109,7 @@ class FitOptions:
     objective: str = "auto"
     coupling: str | None = None
     flow_matching_iters: int = 45_000
-    flow_matching_lr: float = 3e-3
+    flow_matching_lr: float = 4e-3
     flow_matching_batch_size: int = 2048
     flow_matching_time_power: float = 1.0
     lambda_kinetic: float = 0.01
@@ -138,7 +138,7 @@ class FitOptions:
     max_time: float | None = None
     # data
     n_train: int = 50_000
-    standardize: bool = True
+    standardize: bool | str = "auto"
     val_fraction: float = 0.1
     val_points: int = 2000
     eval_every: int = 100
@@ -163,8 +163,10 @@ class FitOptions:
                               ("method", METHODS), ("gradient", GRADIENTS), ("optimizer", OPTIMIZERS),
                               ("schedule", SCHEDULES), ("dtype", DTYPES)):
             _check_choice(self, name, choices)
-        for name in ("zero_last", "learn_T", "standardize", "quiet"):
+        for name in ("zero_last", "learn_T", "quiet"):
             _check_flag(self, name)
+        if self.standardize != "auto":
+            _check_flag(self, "standardize", or_auto=True)
         for name in ("n_blocks", "steps", "max_steps", "batch_size", "max_iters", "n_train", "val_points",
                      "eval_every", "checkpoint_every", "max_failures", "lr_recovery", "flow_matching_iters",
                      "flow_matching_batch_size"):
@@ -328,10 +330,10 @@ def _check_choice(opts: FitOptions, name: str, choices) -> None:
         raise ValueError(unknown_option_message(name, v, choices))
 
 
-def _check_flag(opts: FitOptions, name: str) -> None:
+def _check_flag(opts: FitOptions, name: str, or_auto: bool = False) -> None:
     v = getattr(opts, name)
     if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {v!r}")
+        raise TypeError(f"{name} must be True{', False or ' + repr('auto') if or_auto else ' or False'}, got {v!r}")
     _store(opts, name, bool(v))
 
 
