@@ -11,6 +11,9 @@ Rows are the anchors README's cases, ``8x8-images`` (otflow only: the anchors ha
 image model; torch against JAX on RNODE's image recipe) and ``64d-rk4-2dev`` (otflow only:
 the ``64d-rk4`` step data-parallel over 2 torch ranks or 2 JAX host devices); the ratio columns are otflow-torch/torchdiffeq,
 otflow-jax/diffrax and best-otflow/best-anchor (targets: ≤ 1.0, ≤ 1.0, ≤ 0.8).
+``--impls ... bare-torch bare-jax`` adds the bare chains (``bare_chain.py``: each row's field
+evaluations with no solver around them, in the anchors' own field code) and a second table of
+the best anchor and the best otflow against them.
 """
 from __future__ import annotations
 
@@ -52,7 +55,19 @@ IMPLS = {
     "otflow-torch": lambda anchors: [str(HERE / "otflow_rnode.py"), "--backend", "torch", "--anchors", str(anchors)],
     "diffrax": lambda anchors: [str(anchors / "diffrax_rnode.py")],
     "otflow-jax": lambda anchors: [str(HERE / "otflow_rnode.py"), "--backend", "jax", "--anchors", str(anchors)],
+    "bare-torch": lambda anchors: [str(HERE / "bare_chain.py"), "--backend", "torch", "--anchors", str(anchors)],
+    "bare-jax": lambda anchors: [str(HERE / "bare_chain.py"), "--backend", "jax", "--anchors", str(anchors)],
 }
+#: the four implementations the table compares; the bare chains (``benchmarks/bare_chain.py``: the
+#: row's field evaluations chained by Euler steps and backpropagated plainly, the anchors' own
+#: field code; what the row's arithmetic costs with no solver, not a lower bound) run when named
+#: in ``--impls``
+COMPARED = ["torchdiffeq", "otflow-torch", "diffrax", "otflow-jax"]
+
+#: the bare chains' evaluations per solve: the fewest forward NFE any implementation used on the row
+#: (2-D dopri5 19 by diffrax, 64-D dopri5 22.8 by torchdiffeq, rounded up; RK4 × 4 is 16); the
+#: adjoint rows have none (their backward pass is another solve)
+BARE_NFE = {"2d-dopri5": 19, "2d-rk4": 16, "64d-rk4": 16, "64d-dopri5": 23, "2d-eval": 19}
 
 
 def run_one(impl, args, anchors, timeout, case=None):
@@ -62,6 +77,11 @@ def run_one(impl, args, anchors, timeout, case=None):
         if not impl.startswith("otflow"):
             return {"error": "no anchor for this case"}
         script, rest = str(HERE / "images_cpu.py"), ["--step-worker", impl.split("-", 1)[1]]
+    elif impl.startswith("bare"):
+        if case not in BARE_NFE:
+            return {"error": "no bare chain for this case"}
+        script, *rest = IMPLS[impl](anchors)
+        rest += ["--nfe", str(BARE_NFE[case])]
     else:
         script, *rest = IMPLS[impl](anchors)
     device = os.environ.get("OTFLOW_BENCH_TORCH_DEVICE")
@@ -99,7 +119,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     every = list(CASES) + list(OTFLOW_ONLY_CASES) + list(DATA_PARALLEL_CASES)
     p.add_argument("--cases", nargs="*", default=every, choices=every)
-    p.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS))
+    p.add_argument("--impls", nargs="*", default=COMPARED, choices=list(IMPLS),
+                   help="implementations to run (default: the four compared; add bare-torch bare-jax for the bare chains)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--iters", type=int, default=None, help="timed iterations per run (anchors' default 40)")
     p.add_argument("--warmup", type=int, default=None)
@@ -112,7 +133,8 @@ def main(argv=None):
     records = {}
     for case in a.cases:
         args = list(CASES[case] if case in CASES else OTFLOW_ONLY_CASES.get(case, []))
-        impls = [i for i in a.impls if case in CASES or i.startswith("otflow")]
+        impls = [i for i in a.impls if (case in CASES and (not i.startswith("bare") or case in BARE_NFE))
+                 or i.startswith("otflow")]
         if a.iters is not None and "--iters" not in args:
             args += ["--iters", str(a.iters)]
         if a.warmup is not None and "--warmup" not in args:
@@ -148,8 +170,29 @@ def main(argv=None):
         print(f"| {case} | {fmt(med.get('torchdiffeq'))} | {fmt(med.get('otflow-torch'))} | {fmt(med.get('diffrax'))} "
               f"| {fmt(med.get('otflow-jax'))} | {ratio(med.get('otflow-torch'), med.get('torchdiffeq'))} "
               f"| {ratio(med.get('otflow-jax'), med.get('diffrax'))} | {ratio(ours_best, anchors_best)} |")
+    if any(i.startswith("bare") for i in a.impls):
+        _bare_table(records)
     if a.json:
         Path(a.json).write_text(json.dumps(records, indent=1))
+
+
+def _bare_table(records) -> None:
+    """The bare chains against the best anchor and the best otflow backend (medians)."""
+    print()
+    print("| case | bare-torch | bare-jax | best anchor / best bare | best otflow / best bare |")
+    print("|---|---|---|---|---|")
+    for case, per in records.items():
+        key = "eval_sec_median" if case.endswith("eval") else "sec_per_iter_median"
+        med = {impl: statistics.median([r[key] for r in recs if key in r]) for impl, recs in per.items()
+               if any(key in r for r in recs)}
+        bare = min([v for k, v in med.items() if k.startswith("bare")], default=None)
+        if bare is None:
+            continue
+        anchor = min([v for k, v in med.items() if k in ("torchdiffeq", "diffrax")], default=None)
+        ours = min([v for k, v in med.items() if k.startswith("otflow")], default=None)
+        cells = [f"{med[k]:.4f}" if k in med else "—" for k in ("bare-torch", "bare-jax")]
+        cells += ["—" if v is None else f"{v / bare:.2f}" for v in (anchor, ours)]
+        print(f"| {case} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

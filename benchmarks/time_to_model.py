@@ -47,13 +47,15 @@ ANCHOR_SCRIPTS = {"torchdiffeq": "torchdiffeq_rnode.py", "diffrax": "diffrax_rno
 #: the iterations asked for are budget / this, the run is killed at the budget otherwise
 ANCHOR_SECONDS_PER_ITER = {"torchdiffeq": 0.15, "diffrax": 0.09}
 
-#: otflow variants besides the default ``fit``: RNODE alone with its own defaults, and flow
-#: matching alone with the two-stage recipe's flow-matching stage (validated ten times)
+#: otflow variants besides the default ``fit``: RNODE alone with its own defaults (trained until
+#: the budget ends: ``max_iters`` out of the way), and flow matching alone with the two-stage
+#: recipe's flow-matching stage (validated ten times)
 VARIANTS = {
     "": {},
-    "rnode": {"objective": "rnode"},
+    "rnode": {"objective": "rnode", "max_iters": 10 ** 7},
     "flow-matching": {"objective": "flow-matching", "hidden": [128, 128, 128], "activation": "swish",
-                      "conditioning": "concat", "schedule": "cosine", "max_iters": "flow_matching_iters",
+                      "conditioning": "concat", "schedule": "cosine", "flow_matching_time_power": 2.0,
+                      "max_iters": "flow_matching_iters",
                       "batch_size": "flow_matching_batch_size", "lr": "flow_matching_lr", "eval_every": 0.1},
 }
 
