@@ -27,6 +27,7 @@ evaluations. Prints one JSON line like the anchors.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -178,8 +179,6 @@ def main(argv=None) -> dict:
                 "is a different computation")
     out = (_jax_chain if own.backend == "jax" else _torch_chain)(a, own.nfe)
     out = {"impl": f"bare-{own.backend}", "nfe_forward_mean": own.nfe, "iters": a.iters, **out}
-    import json
-
     print(json.dumps(out))
     return out
 

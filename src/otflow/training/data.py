@@ -307,8 +307,9 @@ def prepare_data(source: DataSource, opts, rng: np.random.Generator, context: np
     digest = hashlib.sha256(np.ascontiguousarray(hashed, dtype=np.float64).tobytes()).hexdigest()[:16]
     train, val, perm = _validation_split(x, opts, rng, "sample(s)")
     standardize = opts.standardize
-    if standardize == "auto":
-        standardize = not (on_unit_scale(train) and (context is None or on_unit_scale(context[perm[len(x) - len(train):]])))
+    if standardize == "auto":  # data and contexts are standardized together, or neither
+        rows = [train] if context is None else [train, context[perm[len(x) - len(train):]]]
+        standardize = not all(on_unit_scale(r) for r in rows)
     shift = scale = None
     if standardize:
         shift, scale = _standardization(train)
