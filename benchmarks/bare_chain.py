@@ -40,6 +40,16 @@ HERE = Path(__file__).resolve().parent
 ANCHORS = HERE.parent.parent / "shared" / "anchors"
 
 
+def _median_seconds(call, repeats: int = 3) -> float:
+    """The median wall time of ``repeats`` calls (the anchors time evaluation this way)."""
+    secs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        secs.append(time.perf_counter() - start)
+    return sorted(secs)[len(secs) // 2]
+
+
 def _jax_chain(a, nfe: int) -> dict:
     import diffrax_rnode as anchor
     import equinox as eqx
@@ -100,12 +110,7 @@ def _jax_chain(a, nfe: int) -> dict:
     if a.eval_points:
         x = jnp.asarray(sample(a.data, a.eval_points, dim, rng, a.data_file, split="test"))
         jax.block_until_ready(exact_chain(model, x))  # compile
-        secs = []
-        for _ in range(3):
-            start = time.perf_counter()
-            jax.block_until_ready(exact_chain(model, x))
-            secs.append(time.perf_counter() - start)
-        out["eval_sec_median"] = sorted(secs)[1]
+        out["eval_sec_median"] = _median_seconds(lambda: jax.block_until_ready(exact_chain(model, x)))
     return out
 
 
@@ -151,13 +156,8 @@ def _torch_chain(a, nfe: int) -> dict:
     if a.eval_points:
         exact = anchor.ExactDensity(net)
         x = torch.from_numpy(sample(a.data, a.eval_points, dim, rng, a.data_file, split="test"))
-        secs = []
-        for _ in range(3):
-            start = time.perf_counter()
-            with torch.no_grad():
-                chain(exact, (x, torch.zeros(x.shape[0], 1)))
-            secs.append(time.perf_counter() - start)
-        out["eval_sec_median"] = sorted(secs)[1]
+        with torch.no_grad():
+            out["eval_sec_median"] = _median_seconds(lambda: chain(exact, (x, torch.zeros(x.shape[0], 1))))
     return out
 
 

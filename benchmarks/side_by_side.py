@@ -77,13 +77,12 @@ def run_one(impl, args, anchors, timeout, case=None):
         if not impl.startswith("otflow"):
             return {"error": "no anchor for this case"}
         script, rest = str(HERE / "images_cpu.py"), ["--step-worker", impl.split("-", 1)[1]]
-    elif impl.startswith("bare"):
-        if case not in BARE_NFE:
-            return {"error": "no bare chain for this case"}
-        script, *rest = IMPLS[impl](anchors)
-        rest += ["--nfe", str(BARE_NFE[case])]
+    elif impl.startswith("bare") and case not in BARE_NFE:
+        return {"error": "no bare chain for this case"}
     else:
         script, *rest = IMPLS[impl](anchors)
+        if impl.startswith("bare"):
+            rest += ["--nfe", str(BARE_NFE[case])]
     device = os.environ.get("OTFLOW_BENCH_TORCH_DEVICE")
     if device and impl in ("torchdiffeq", "otflow-torch"):
         # torch's default device for every tensor the script creates (the anchors take no device option)
@@ -146,18 +145,14 @@ def main(argv=None):
             for impl in order:
                 rec = run_one(impl, args, anchors, a.timeout, case)
                 records.setdefault(case, {}).setdefault(impl, []).append(rec)
-                key = "eval_sec_median" if case.endswith("eval") else "sec_per_iter_median"
+                key = _time_key(case)
                 print(f"{case:18s} {impl:13s} rep {rep}: {rec.get(key, rec.get('error'))}  "
                       f"nfe {rec.get('eval_nfe' if case.endswith('eval') else 'nfe_forward_mean')}", flush=True)
     print()
     print("| case | torchdiffeq | otflow-torch | diffrax | otflow-jax | torch ratio | jax ratio | best ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for case, per in records.items():
-        key = "eval_sec_median" if case.endswith("eval") else "sec_per_iter_median"
-        med = {}
-        for impl, recs in per.items():
-            vals = [r[key] for r in recs if key in r]
-            med[impl] = statistics.median(vals) if vals else None
+        med = _medians(case, per)
 
         def fmt(v):
             return "—" if v is None else f"{v:.4f}"
@@ -176,15 +171,28 @@ def main(argv=None):
         Path(a.json).write_text(json.dumps(records, indent=1))
 
 
+def _time_key(case: str) -> str:
+    """The record's figure for a case: seconds per evaluation call or per training iteration."""
+    return "eval_sec_median" if case.endswith("eval") else "sec_per_iter_median"
+
+
+def _medians(case: str, per: dict) -> dict:
+    """``{impl: median of its runs' figure}`` (None for an implementation whose runs all failed)."""
+    key = _time_key(case)
+    out = {}
+    for impl, recs in per.items():
+        vals = [r[key] for r in recs if key in r]
+        out[impl] = statistics.median(vals) if vals else None
+    return out
+
+
 def _bare_table(records) -> None:
     """The bare chains against the best anchor and the best otflow backend (medians)."""
     print()
     print("| case | bare-torch | bare-jax | best anchor / best bare | best otflow / best bare |")
     print("|---|---|---|---|---|")
     for case, per in records.items():
-        key = "eval_sec_median" if case.endswith("eval") else "sec_per_iter_median"
-        med = {impl: statistics.median([r[key] for r in recs if key in r]) for impl, recs in per.items()
-               if any(key in r for r in recs)}
+        med = {k: v for k, v in _medians(case, per).items() if v is not None}
         bare = min([v for k, v in med.items() if k.startswith("bare")], default=None)
         if bare is None:
             continue

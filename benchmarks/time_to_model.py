@@ -49,14 +49,15 @@ ANCHOR_SECONDS_PER_ITER = {"torchdiffeq": 0.15, "diffrax": 0.09}
 
 #: otflow variants besides the default ``fit``: RNODE alone with its own defaults (trained until
 #: the budget ends: ``max_iters`` out of the way), and flow matching alone with the two-stage
-#: recipe's flow-matching stage (validated ten times)
+#: recipe's flow-matching stage (validated ten times). ``"recipe": True`` takes the field and the
+#: path times from ``otflow.training.stages.TWO_STAGE_DEFAULTS``, and a string value names the
+#: ``FitOptions`` default to use, so the variant follows the recipe when it changes.
 VARIANTS = {
     "": {},
     "rnode": {"objective": "rnode", "max_iters": 10 ** 7},
-    "flow-matching": {"objective": "flow-matching", "hidden": [128, 128, 128], "activation": "swish",
-                      "conditioning": "concat", "schedule": "cosine", "flow_matching_time_power": 2.0,
-                      "max_iters": "flow_matching_iters",
-                      "batch_size": "flow_matching_batch_size", "lr": "flow_matching_lr", "eval_every": 0.1},
+    "flow-matching": {"objective": "flow-matching", "recipe": True, "schedule": "cosine",
+                      "max_iters": "flow_matching_iters", "batch_size": "flow_matching_batch_size",
+                      "lr": "flow_matching_lr", "eval_every": 0.1},
 }
 
 _OTFLOW_RUN = """
@@ -64,6 +65,10 @@ import json, sys, time, numpy as np, otflow
 from otflow import FitOptions
 path, backend, budget, history, out, variant = sys.argv[1:7]
 options = json.loads(variant)
+if options.pop("recipe", False):  # the field and path times of the default's flow-matching stage
+    from otflow.training.stages import TWO_STAGE_DEFAULTS
+    options.update({k: TWO_STAGE_DEFAULTS[k] for k in ("hidden", "activation", "conditioning",
+                                                       "flow_matching_time_power")})
 defaults = FitOptions()
 for name, value in list(options.items()):
     if isinstance(value, str) and hasattr(defaults, value):
