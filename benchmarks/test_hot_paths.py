@@ -4,7 +4,8 @@
 
 One dopri5 step of the RNODE augmented dynamics, one step's stage arithmetic alone
 (torch), one training step per backend and solver (rk4×4, dopri5 1e-5, rk4×4 and dopri5
-with the adjoint, rk4×64 in the checkpointed loop), and exact-trace ``log_prob`` on 2 000 points,
+with the adjoint, rk4×64 in the checkpointed loop), exact-trace ``log_prob`` on 2 000 points and one exact-trace
+evaluation of the density dynamics on 10 000,
 on the anchors' reference model (ConcatSquash MLP 2 → 64 → 64 → 64 → 2, batch 512); and one
 iteration of the default fit's flow-matching stage as ``fit`` runs it (128×3 swish, batch 2048).
 """
@@ -112,6 +113,24 @@ def test_exact_log_prob(benchmark, name):
     x = np.random.default_rng(1).normal(size=(2000, 2))
     flow.log_prob(x)
     benchmark(lambda: flow.log_prob(x))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_exact_density_evaluation(benchmark, name):
+    """One compiled (JAX) or eager evaluation of the exact-trace density dynamics on the
+    side-by-side evaluation row's 10 000 points: the piece a select rather than a
+    multiply-and-sum made 1.3-1.6x faster on XLA:CPU."""
+    from otflow.cnf import density_rhs
+
+    b, field, params, _ = _setup(name)
+    xp = b.namespace()
+    x = b.asarray(np.random.default_rng(1).normal(size=(10_000, 2)).astype(np.float32))
+    state = (x, xp.zeros((10_000,), dtype=x.dtype))
+    t = b.asarray(np.float32(0.3))
+    rhs = density_rhs(field, backend=b)
+    run = b.jit(lambda p, s: rhs(t, s, p)) if b.has_jit else (lambda p, s: rhs(t, s, p))
+    b.to_numpy(run(params, state)[1])  # compile / warm up
+    benchmark(lambda: b.to_numpy(run(params, state)[1]))
 
 
 @pytest.mark.parametrize("name", BACKENDS)
