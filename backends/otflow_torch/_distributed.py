@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import os
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -56,11 +57,27 @@ def process_group_replicas(backend, devices, device) -> "ProcessGroupReplicas | 
     return ProcessGroupReplicas()
 
 
+#: how long the exit-time barrier waits for the other ranks before tearing down anyway
+EXIT_BARRIER_SECONDS = 60.0
+
+
 def _destroy_process_group() -> None:
     """Tear down the default process group at exit if it is still up (gloo's threads
-    otherwise end the process with ``terminate called without an active exception``)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    otherwise end the process with ``terminate called without an active exception``).
+
+    The ranks first meet at a barrier (bounded by :data:`EXIT_BARRIER_SECONDS`), so that no
+    rank tears its gloo connections down while a peer may still use them: the two-rank
+    test run has, rarely, ended with rank 1 aborting at exit (SIGABRT, the message above).
+    A 60-launch probe of a bare two-rank exit did not reproduce it, so the barrier is the
+    usual precaution, not a measured cure. A peer that is gone already (it crashed) fails
+    the barrier at once or times it out; the group is then torn down all the same."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier(async_op=True).wait(timeout=timedelta(seconds=EXIT_BARRIER_SECONDS))
+    except Exception:  # noqa: BLE001 - a peer that died already: nothing to wait for
+        pass
+    dist.destroy_process_group()
 
 
 def _local_device(spec):
