@@ -273,6 +273,7 @@ def _exact_trace(backend: Backend, fn: Callable, x, method: str = "auto", chunk_
         v = fn(x)
         products = backend.vmap(lambda t: backend.jvp(fn, (x,), (t,))[1])
     cols = xp.reshape(xp.arange(d, device=device), (1, d))
+    zero = xp.zeros((), dtype=x.dtype, device=device)
 
     def chunk_trace(start):
         rows = xp.reshape(xp.arange(c, device=device) + start, (c, 1))
@@ -280,15 +281,15 @@ def _exact_trace(backend: Backend, fn: Callable, x, method: str = "auto", chunk_
         basis = xp.astype(mask, x.dtype)
         # the diagonal entries picked with a select, not as sum(products * basis): XLA:CPU
         # reads a multiply-and-sum as a contraction and fuses the whole vmapped backward
-        # pass with it into one kernel, 1.3-1.6x slower per evaluation (d = 2, 10 000 rows)
-        # than the separate, 2-way partitioned kernels that a select leaves
-        diagonal = xp.where(mask, products(basis), xp.zeros((), dtype=x.dtype, device=device))
+        # pass with it into one kernel, about 1.6x slower per evaluation (d = 2, 10 000
+        # rows) than the separate, 2-way partitioned kernels that a select leaves
+        diagonal = xp.where(mask, products(basis), zero)
         return xp.sum(_sum_features(xp, diagonal, 2), axis=0)
 
     if n_chunks == 1:
         return v, chunk_trace(0)
-    zero = xp.zeros((batch,), dtype=x.dtype, device=device)
-    return v, backend.fori_loop(0, n_chunks, lambda i, acc: acc + chunk_trace(i * c), zero)
+    return v, backend.fori_loop(0, n_chunks, lambda i, acc: acc + chunk_trace(i * c),
+                                xp.zeros((batch,), dtype=x.dtype, device=device))
 
 
 def _loop_trace(backend: Backend, fn: Callable, x, d: int, feat: tuple):
@@ -299,7 +300,7 @@ def _loop_trace(backend: Backend, fn: Callable, x, d: int, feat: tuple):
     div = None
     for k in range(d):
         e = xp.broadcast_to(xp.astype(cols == k, x.dtype), x.shape)
-        term = _sum_features(xp, vjp_fn(e)[0] * e, 1)
+        term = xp.reshape(vjp_fn(e)[0], (x.shape[0], d))[:, k]  # row k of eₖᵀJ: J_kk, no product or sum
         div = term if div is None else div + term
     return v, div
 
