@@ -14,7 +14,11 @@ explicit Euler steps over ``[0, T]``:
   chain unrolled) and eagerly on torch, timed like the anchors (median seconds per
   iteration after warm-up);
 * the evaluation row (``--eval-points N``): the exact-trace chain on ``N`` points, forward
-  only (the anchors' ``exact_density``: one VJP per basis vector).
+  only (the anchors' ``exact_density``: one VJP per basis vector);
+* ``--recompute`` (JAX): each evaluation wrapped in ``jax.checkpoint``, so the backward pass
+  recomputes it from its input state instead of reading stored residuals. That is the
+  schedule of otflow's and diffrax's checkpointed adaptive loops (2 forward + 1 backward
+  passes of every evaluation) with no solver around it.
 
 With the NFE of the row (the fewest any implementation used), this is what the row's
 arithmetic costs in the simplest program each framework runs. It is **not** a lower
@@ -50,7 +54,7 @@ def _median_seconds(call, repeats: int = 3) -> float:
     return sorted(secs)[len(secs) // 2]
 
 
-def _jax_chain(a, nfe: int) -> dict:
+def _jax_chain(a, nfe: int, recompute: bool = False) -> dict:
     import diffrax_rnode as anchor
     import equinox as eqx
     import jax
@@ -62,12 +66,13 @@ def _jax_chain(a, nfe: int) -> dict:
     key = jax.random.PRNGKey(a.seed)
     model = anchor.VelocityField(dim, a.width, a.depth, key)
     h = a.T / nfe
+    augmented = jax.checkpoint(anchor.augmented) if recompute else anchor.augmented
 
     def chain(model, x, noise):
         zero = jnp.zeros((x.shape[0], 1), x.dtype)
         state = (x, zero, zero, zero)
         for k in range(nfe):
-            d = anchor.augmented(jnp.asarray(k * h, x.dtype), state, (model, noise))
+            d = augmented(jnp.asarray(k * h, x.dtype), state, (model, noise))
             state = tuple(s + h * ds for s, ds in zip(state, d))
         return state
 
@@ -167,9 +172,13 @@ def main(argv=None) -> dict:
     p.add_argument("--backend", required=True, choices=["jax", "torch"])
     p.add_argument("--nfe", type=int, required=True, help="field evaluations per solve (the row's fewest)")
     p.add_argument("--anchors", default=str(ANCHORS), help="the anchor scripts' folder (their field code)")
+    p.add_argument("--recompute", action="store_true",
+                   help="JAX: recompute every evaluation in the backward pass (jax.checkpoint) instead of storing it")
     own, rest = p.parse_known_args(argv)
     if own.nfe < 1:
         p.error(f"--nfe must be at least 1, got {own.nfe}")
+    if own.recompute and own.backend != "jax":
+        p.error("--recompute is implemented for --backend jax only (jax.checkpoint around each evaluation)")
     sys.path.insert(0, os.path.abspath(own.anchors))
     from common import parse_args
 
@@ -177,8 +186,9 @@ def main(argv=None) -> dict:
     if a.grad != "direct":
         p.error("the bare chain is defined for direct backpropagation (--grad direct); the adjoint's backward solve "
                 "is a different computation")
-    out = (_jax_chain if own.backend == "jax" else _torch_chain)(a, own.nfe)
-    out = {"impl": f"bare-{own.backend}", "nfe_forward_mean": own.nfe, "iters": a.iters, **out}
+    out = _jax_chain(a, own.nfe, own.recompute) if own.backend == "jax" else _torch_chain(a, own.nfe)
+    impl = f"bare-{own.backend}" + ("-recompute" if own.recompute else "")
+    out = {"impl": impl, "nfe_forward_mean": own.nfe, "iters": a.iters, **out}
     print(json.dumps(out))
     return out
 

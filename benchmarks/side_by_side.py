@@ -13,7 +13,9 @@ the ``64d-rk4`` step data-parallel over 2 torch ranks or 2 JAX host devices); th
 otflow-jax/diffrax and best-otflow/best-anchor (targets: ≤ 1.0, ≤ 1.0, ≤ 0.8).
 ``--impls ... bare-torch bare-jax`` adds the bare chains (``bare_chain.py``: each row's field
 evaluations with no solver around them, in the anchors' own field code) and a second table of
-the best anchor and the best otflow against them.
+the best anchor and the best otflow against them; ``bare-jax-recompute`` is JAX's chain with
+every evaluation recomputed in the backward pass (the checkpointed loops' schedule; training
+rows only).
 """
 from __future__ import annotations
 
@@ -57,6 +59,8 @@ IMPLS = {
     "otflow-jax": lambda anchors: [str(HERE / "otflow_rnode.py"), "--backend", "jax", "--anchors", str(anchors)],
     "bare-torch": lambda anchors: [str(HERE / "bare_chain.py"), "--backend", "torch", "--anchors", str(anchors)],
     "bare-jax": lambda anchors: [str(HERE / "bare_chain.py"), "--backend", "jax", "--anchors", str(anchors)],
+    "bare-jax-recompute": lambda anchors: [str(HERE / "bare_chain.py"), "--backend", "jax", "--recompute",
+                                           "--anchors", str(anchors)],
 }
 #: the four implementations the table compares; the bare chains (``benchmarks/bare_chain.py``: the
 #: row's field evaluations chained by Euler steps and backpropagated plainly, the anchors' own
@@ -79,6 +83,8 @@ def run_one(impl, args, anchors, timeout, case=None):
         script, rest = str(HERE / "images_cpu.py"), ["--step-worker", impl.split("-", 1)[1]]
     elif impl.startswith("bare") and case not in BARE_NFE:
         return {"error": "no bare chain for this case"}
+    elif impl == "bare-jax-recompute" and case.endswith("eval"):
+        return {"error": "evaluation has no backward pass to recompute"}
     else:
         script, *rest = IMPLS[impl](anchors)
         if impl.startswith("bare"):
@@ -132,7 +138,8 @@ def main(argv=None):
     records = {}
     for case in a.cases:
         args = list(CASES[case] if case in CASES else OTFLOW_ONLY_CASES.get(case, []))
-        impls = [i for i in a.impls if (case in CASES and (not i.startswith("bare") or case in BARE_NFE))
+        impls = [i for i in a.impls if (case in CASES and (not i.startswith("bare") or case in BARE_NFE)
+                                        and not (i == "bare-jax-recompute" and case.endswith("eval")))
                  or i.startswith("otflow")]
         if a.iters is not None and "--iters" not in args:
             args += ["--iters", str(a.iters)]
@@ -189,8 +196,8 @@ def _medians(case: str, per: dict) -> dict:
 def _bare_table(records) -> None:
     """The bare chains against the best anchor and the best otflow backend (medians)."""
     print()
-    print("| case | bare-torch | bare-jax | best anchor / best bare | best otflow / best bare |")
-    print("|---|---|---|---|---|")
+    print("| case | bare-torch | bare-jax | bare-jax-recompute | best anchor / best bare | best otflow / best bare |")
+    print("|---|---|---|---|---|---|")
     for case, per in records.items():
         med = {k: v for k, v in _medians(case, per).items() if v is not None}
         bare = min([v for k, v in med.items() if k.startswith("bare")], default=None)
@@ -198,7 +205,7 @@ def _bare_table(records) -> None:
             continue
         anchor = min([v for k, v in med.items() if k in ("torchdiffeq", "diffrax")], default=None)
         ours = min([v for k, v in med.items() if k.startswith("otflow")], default=None)
-        cells = [f"{med[k]:.4f}" if k in med else "—" for k in ("bare-torch", "bare-jax")]
+        cells = [f"{med[k]:.4f}" if k in med else "—" for k in ("bare-torch", "bare-jax", "bare-jax-recompute")]
         cells += ["—" if v is None else f"{v / bare:.2f}" for v in (anchor, ours)]
         print(f"| {case} | " + " | ".join(cells) + " |")
 
